@@ -1,0 +1,1 @@
+"""Data: COCO records, the synthetic COCO-format set, vocabulary, image decoding. No Ray here."""

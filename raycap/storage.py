@@ -1,0 +1,198 @@
+"""Local paths and s3:// URIs behind one small API, shared by every stage.
+
+S3 access uses the standard AWS credential chain (env vars, profile, instance role); an
+S3-compatible server (MinIO, SeaweedFS, ...) is selected with ``AWS_ENDPOINT_URL`` or an
+explicit ``endpoint`` argument.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import secrets
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NamedTuple
+from urllib.parse import urlsplit
+
+import boto3
+import pyarrow.fs as pafs
+from botocore.client import BaseClient
+from botocore.config import Config
+
+_S3 = "s3://"
+# Markers in pyarrow's S3 error messages (AWS error names as pyarrow spells them).
+_DENIED = ("ACCESS_DENIED", "SIGNATURE_DOES_NOT_MATCH", "INVALID_ACCESS_KEY_ID", "EXPIRED_TOKEN")
+
+
+class FileInfo(NamedTuple):
+    """A file found by :func:`list_files`."""
+
+    uri: str
+    size: int
+
+
+def is_s3(uri: str) -> bool:
+    """True for ``s3://bucket/key`` URIs, False for local paths."""
+    return uri.startswith(_S3)
+
+
+def s3_endpoint(endpoint: str | None = None) -> str | None:
+    """The S3 endpoint URL to use: ``endpoint``, else the AWS env vars, else None (AWS itself)."""
+    return endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def _region() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> ``("bucket", "a/b")``."""
+    bucket, _, key = uri[len(_S3) :].partition("/")
+    if not bucket:
+        raise ValueError(f"{uri!r} names no bucket: expected s3://bucket/key")
+    return bucket, key.strip("/")
+
+
+@functools.lru_cache(maxsize=None)
+def _s3_filesystem(endpoint: str | None, region: str) -> pafs.S3FileSystem:
+    if endpoint is None:
+        return pafs.S3FileSystem(region=region)
+    url = urlsplit(endpoint)
+    if url.scheme not in ("http", "https") or not url.netloc:
+        raise ValueError(f"S3 endpoint {endpoint!r} is not a URL like http://host:port (check AWS_ENDPOINT_URL)")
+    return pafs.S3FileSystem(endpoint_override=url.netloc, scheme=url.scheme, region=region)
+
+
+def filesystem(uri: str, endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem for ``uri`` and the path to pass it (``bucket/key`` or an absolute path)."""
+    if not is_s3(uri):
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    bucket, key = _split_s3(uri)
+    return _s3_filesystem(s3_endpoint(endpoint), _region()), f"{bucket}/{key}".rstrip("/")
+
+
+def s3_client(endpoint: str | None = None) -> BaseClient:
+    """A boto3 S3 client for the same endpoint, region and credential chain as :func:`filesystem`."""
+    url = s3_endpoint(endpoint)
+    # Path-style addressing: custom endpoints rarely resolve bucket.host names.
+    config = Config(s3={"addressing_style": "path"}) if url else None
+    return boto3.client("s3", endpoint_url=url, region_name=_region(), config=config)
+
+
+def join(base: str, *parts: str) -> str:
+    """``base`` (a directory or s3:// prefix) joined with relative ``parts``.
+
+    Raises ValueError for absolute parts or ``..`` components, so a key taken from input data
+    can never escape ``base``.
+    """
+    segments = []
+    for part in parts:
+        if part.startswith("/") or ".." in part.split("/"):
+            raise ValueError(f"unsafe path {part!r}: parts joined to {base!r} must be relative, without '..'")
+        segments += [s for s in part.split("/") if s not in ("", ".")]
+    if not segments:
+        return base
+    return (base if base.endswith("/") else base + "/") + "/".join(segments)
+
+
+def _where(endpoint: str | None) -> str:
+    url = s3_endpoint(endpoint)
+    return f"endpoint {url}" if url else "AWS S3 (set AWS_ENDPOINT_URL for another S3 server)"
+
+
+@contextmanager
+def _s3_errors(uri: str, endpoint: str | None) -> Iterator[None]:
+    """Re-raise pyarrow's S3 errors naming the URI, the endpoint and what to check."""
+    try:
+        yield
+    except OSError as e:
+        if not is_s3(uri):
+            raise
+        msg = str(e)
+        bucket, _ = _split_s3(uri)
+        if "NO_SUCH_BUCKET" in msg or (isinstance(e, FileNotFoundError) and not _bucket_exists(bucket, endpoint)):
+            raise FileNotFoundError(
+                f"bucket {bucket!r} of {uri} does not exist at {_where(endpoint)}: "
+                "create it, or fix the URI or AWS_ENDPOINT_URL"
+            ) from e
+        if isinstance(e, FileNotFoundError):
+            raise FileNotFoundError(f"{uri} does not exist at {_where(endpoint)}") from e
+        if any(marker in msg for marker in _DENIED):
+            raise PermissionError(
+                f"access to {uri} denied at {_where(endpoint)}: check the credentials "
+                "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and their permissions on the bucket"
+            ) from e
+        raise OSError(f"S3 request for {uri} failed at {_where(endpoint)}: {msg}") from e
+
+
+def _bucket_exists(bucket: str, endpoint: str | None) -> bool:
+    """Best effort: True unless the bucket is known to be missing."""
+    try:
+        info = _s3_filesystem(s3_endpoint(endpoint), _region()).get_file_info(bucket)
+    except OSError:  # e.g. not allowed to look: don't claim it is missing
+        return True
+    return info.type != pafs.FileType.NotFound
+
+
+def read_bytes(uri: str, endpoint: str | None = None) -> bytes:
+    """The whole content of a file or object."""
+    fs, path = filesystem(uri, endpoint)
+    with _s3_errors(uri, endpoint), fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes, endpoint: str | None = None) -> None:
+    """Write ``data`` atomically: readers see the old content or the new, never a partial file."""
+    fs, path = filesystem(uri, endpoint)
+    if is_s3(uri):  # an S3 object appears only once its upload completes
+        with _s3_errors(uri, endpoint), fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Same directory, so os.replace is a rename on one filesystem; the .tmp suffix keeps
+    # leftovers of a crash out of suffix-filtered listings.
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def exists(uri: str, endpoint: str | None = None) -> bool:
+    """True if a file, directory, object or prefix exists at ``uri``."""
+    fs, path = filesystem(uri, endpoint)
+    with _s3_errors(uri, endpoint):
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def list_files(prefix: str, suffixes: Sequence[str] | None = None, endpoint: str | None = None) -> list[FileInfo]:
+    """Files under ``prefix`` (recursive), optionally only those ending in ``suffixes``
+    (case-insensitive), sorted by URI.
+
+    Raises FileNotFoundError if ``prefix`` does not exist; an S3 prefix exists once it holds an object.
+    """
+    fs, path = filesystem(prefix, endpoint)
+    with _s3_errors(prefix, endpoint):
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    scheme = _S3 if is_s3(prefix) else ""
+    ends = tuple(s.lower() for s in suffixes) if suffixes is not None else None
+    files = [
+        FileInfo(scheme + info.path, info.size)
+        for info in infos
+        if info.type == pafs.FileType.File and (ends is None or info.path.lower().endswith(ends))
+    ]
+    return sorted(files, key=lambda f: f.uri)
+
+
+def ensure_dir(uri: str) -> None:
+    """Create a local directory and its parents; S3 needs none, so a no-op there."""
+    if not is_s3(uri):
+        os.makedirs(filesystem(uri)[1], exist_ok=True)

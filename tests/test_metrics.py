@@ -1,0 +1,187 @@
+"""BLEU and CIDEr-D against hand-worked values, nltk's published example and an independent CIDEr-D."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+
+from raycap.metrics import bleu, cider_d, score_captions
+
+# nltk's corpus_bleu docstring example (its BLEU-4 is 0.5920778868801042).
+NLTK_REFS = {
+    1: [
+        "It is a guide to action that ensures that the military will forever heed Party commands",
+        "It is the guiding principle which guarantees the military forces always being under the command of the Party",
+        "It is the practical guide for the army always to heed the directions of the party",
+    ],
+    2: ["he was interested in world history because he read the book"],
+}
+NLTK_HYPS = {
+    1: "It is a guide to action which ensures that the military always obeys the commands of the party",
+    2: "he read the book because he was interested in world history",
+}
+
+CORPUS_REFS = {
+    "horse": ["a man riding a horse on a beach", "a person rides a brown horse", "a man on a horse near the sea"],
+    "cats": ["two cats sleeping on a red sofa", "a pair of cats asleep on the couch"],
+    "pizza": ["a pizza with cheese on a table", "a cheese pizza sitting on a wooden table", "pizza on a plate"],
+    "dog": ["a dog running on the grass", "a brown dog runs across a field"],
+}
+CORPUS_HYPS = {
+    "horse": "a man riding a horse on the beach",
+    "cats": "two cats on a a a sofa",
+    "pizza": "a pizza on a table",
+    "dog": "a cat sitting on a sofa",
+}
+
+
+def _reference_cider_d(refs: dict[str, list[str]], hyps: dict[str, str], n: int = 4, sigma: float = 6) -> float:
+    """CIDEr-D written from the paper's formulas, with raw n-gram counts as tf as coco-caption uses."""
+
+    def grams(text: str, k: int) -> Counter:
+        words = text.split()
+        return Counter(tuple(words[i : i + k]) for i in range(len(words) - k + 1))
+
+    def tfidf(text: str, k: int) -> dict[tuple[str, ...], float]:
+        return {g: c * math.log(len(refs) / max(1, df[g])) for g, c in grams(text, k).items()}
+
+    def norm(vec: dict) -> float:
+        return math.sqrt(sum(x * x for x in vec.values()))
+
+    df = Counter()
+    for image_refs in refs.values():
+        df.update({g for ref in image_refs for k in range(1, n + 1) for g in grams(ref, k)})
+    per_image = []
+    for image_id, hyp in hyps.items():
+        total = 0.0
+        for ref in refs[image_id]:
+            penalty = math.exp(-((len(hyp.split()) - len(ref.split())) ** 2) / (2 * sigma**2))
+            for k in range(1, n + 1):
+                h, r = tfidf(hyp, k), tfidf(ref, k)
+                if norm(h) and norm(r):
+                    clipped = sum(min(x, r.get(g, 0.0)) * r.get(g, 0.0) for g, x in h.items())
+                    total += penalty * clipped / (norm(h) * norm(r))
+        per_image.append(10 * total / (n * len(refs[image_id])))
+    return sum(per_image) / len(per_image)
+
+
+def test_bleu_nltk_docstring_example():
+    # Clipped matches / candidate n-grams over both hypotheses (18 and 11 tokens); BP = 1 since
+    # the closest reference lengths are 18 and 11.
+    p = [28 / 29, 19 / 27, 13 / 25, 8 / 23]
+    scores = bleu(NLTK_REFS, NLTK_HYPS)
+    for n in range(1, 5):
+        assert scores[f"bleu{n}"] == pytest.approx(math.prod(p[:n]) ** (1 / n), rel=1e-12)
+    assert scores["bleu4"] == pytest.approx(0.5920778868801042, rel=1e-12)
+
+
+def test_bleu_clips_counts_and_applies_brevity_penalty():
+    refs = {1: ["a cat sits on the mat", "there is a cat on the mat"], 2: ["the dog ran"]}
+    hyps = {1: "a cat on the mat", 2: "the the dog"}
+    # Image 1 matches all its n-grams (5, 4, 3, 2); image 2: "the" clipped to 1 of 2, "the dog" only,
+    # and, having no 4-gram, one unmatched 4-gram (nltk's max(1, count); coco-caption would give 2/2).
+    p = [7 / 8, 5 / 6, 3 / 4, 2 / 3]
+    brevity = math.exp(1 - (6 + 3) / (5 + 3))  # closest reference lengths 6 and 3
+    scores = bleu(refs, hyps)
+    for n in range(1, 5):
+        assert scores[f"bleu{n}"] == pytest.approx(brevity * math.prod(p[:n]) ** (1 / n), rel=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:\\nThe hypothesis contains 0 counts:UserWarning")
+def test_bleu_is_unsmoothed():
+    # 3-grams match, no 4-gram does: COCO's unsmoothed BLEU-4 collapses to ~0.
+    scores = bleu({1: ["a dog runs on grass"], 2: ["two cats sleep"]}, {1: "a dog runs fast", 2: "two cats sleep"})
+    assert scores["bleu3"] > 0.5
+    assert scores["bleu4"] < 1e-50
+
+
+def test_bleu_perfect_match_is_one():
+    refs = {1: ["a man riding a horse", "someone on a horse"], 2: ["two cats on a sofa"]}
+    hyps = {1: "a man riding a horse", 2: "two cats on a sofa"}
+    assert bleu(refs, hyps) == pytest.approx({f"bleu{n}": 1.0 for n in range(1, 5)})
+
+
+def test_tokenisation_ignores_case_and_punctuation():
+    refs = {1: ["A man, riding a HORSE."], 2: ["Two cats -- on a sofa!"]}
+    hyps = {1: "a Man riding a horse", 2: "two cats on the sofa ."}
+    clean_refs = {1: ["a man riding a horse"], 2: ["two cats on a sofa"]}
+    clean_hyps = {1: "a man riding a horse", 2: "two cats on the sofa"}
+    assert score_captions(refs, hyps) == score_captions(clean_refs, clean_hyps)
+
+
+def test_cider_d_hand_worked_idf_and_scale():
+    # "a" is in both images' references: idf log(2/2) = 0. "a dog" shares nothing else with "a cat"
+    # (0); "a bird" matches in 1- and 2-grams (cosine 1) but has no 3-/4-grams: 10 * (1+1+0+0)/4.
+    refs = {1: ["a cat"], 2: ["a bird"]}
+    assert cider_d(refs, {1: "a dog", 2: "a bird"}) == pytest.approx((0 + 5) / 2)
+
+
+def test_cider_d_hand_worked_clipping_and_length_penalty():
+    # "dog dog" vs "dog": clipped unigram term min(2w, w) * w / (2w * w) = 1/2, no shared bigram,
+    # one word longer -> gaussian penalty exp(-1 / (2 * 6**2)); "a cat" matches itself: 5.
+    refs = {1: ["dog"], 2: ["a cat"]}
+    image1 = 10 * (0.5 * math.exp(-1 / 72)) / 4
+    assert cider_d(refs, {1: "dog dog", 2: "a cat"}) == pytest.approx((image1 + 5) / 2, rel=1e-12)
+
+
+def test_cider_d_exact_single_reference_scores_ten():
+    refs = {1: ["a man rides a horse"], 2: ["two cats sleep on the sofa"]}
+    assert cider_d(refs, {1: refs[1][0], 2: refs[2][0]}) == pytest.approx(10.0)
+
+
+def test_cider_d_matches_independent_implementation():
+    assert cider_d(CORPUS_REFS, CORPUS_HYPS) == pytest.approx(_reference_cider_d(CORPUS_REFS, CORPUS_HYPS), rel=1e-9)
+
+
+def test_cider_d_one_of_several_references_is_between_zero_and_ten():
+    score = cider_d(CORPUS_REFS, {image_id: refs[0] for image_id, refs in CORPUS_REFS.items()})
+    assert 0 < score < 10
+
+
+def test_cider_d_ranks_matching_captions_above_unrelated():
+    matching = {image_id: refs[0] for image_id, refs in CORPUS_REFS.items()}
+    unrelated = dict(zip(CORPUS_REFS, ["a red bus", "a plate of food", "a man surfing", "a kitchen sink"]))
+    assert cider_d(CORPUS_REFS, matching) > cider_d(CORPUS_REFS, unrelated) >= 0
+
+
+def test_cider_d_single_image_is_zero():
+    # idf = log(N / df) = log(1 / 1) for every reference n-gram: coco-caption's CIDEr-D needs N > 1.
+    assert cider_d({1: ["a man rides a horse"]}, {1: "a man rides a horse"}) == 0.0
+
+
+def test_references_of_unscored_images_are_ignored():
+    extra = {**CORPUS_REFS, "bus": ["a red bus on a street", "a double decker bus"]}
+    assert score_captions(extra, CORPUS_HYPS) == score_captions(CORPUS_REFS, CORPUS_HYPS)
+
+
+def test_empty_hypothesis_contributes_zero():
+    with_empty = {**CORPUS_HYPS, "dog": ""}
+    with_unrelated = {**CORPUS_HYPS, "dog": "zebra"}
+    assert cider_d(CORPUS_REFS, with_empty) == pytest.approx(cider_d(CORPUS_REFS, with_unrelated))
+    assert bleu(CORPUS_REFS, with_empty)["bleu1"] < bleu(CORPUS_REFS, CORPUS_HYPS)["bleu1"]
+    all_empty = dict.fromkeys(CORPUS_HYPS, " . ")
+    assert score_captions(CORPUS_REFS, all_empty) == dict.fromkeys(["bleu1", "bleu2", "bleu3", "bleu4", "cider_d"], 0.0)
+
+
+def test_score_captions_combines_bleu_and_cider_d():
+    scores = score_captions(NLTK_REFS, NLTK_HYPS)
+    assert scores == {**bleu(NLTK_REFS, NLTK_HYPS), "cider_d": cider_d(NLTK_REFS, NLTK_HYPS)}
+
+
+def test_hypothesis_without_references_is_rejected():
+    with pytest.raises(ValueError, match="image 42 has a hypothesis but no reference"):
+        score_captions({"42": ["a dog"]}, {42: "a dog"})
+    with pytest.raises(ValueError, match="image 'x' has a hypothesis but no reference"):
+        bleu({"x": [], "y": ["a cat"]}, {"x": "a dog", "y": "a cat"})
+
+
+def test_empty_input_is_rejected():
+    with pytest.raises(ValueError, match="no hypotheses"):
+        cider_d({1: ["a dog"]}, {})
+
+
+def test_references_as_one_string_are_rejected():
+    with pytest.raises(TypeError, match=r"references\[1\] is one string"):
+        bleu({1: "a dog on the grass"}, {1: "a dog"})
