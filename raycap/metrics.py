@@ -6,6 +6,7 @@ the images in `hypotheses` are scored, so `references` may hold more (e.g. the w
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Hashable, Mapping, Sequence
 
 from nltk.translate.bleu_score import corpus_bleu
@@ -45,7 +46,9 @@ def _tokenized(references: References, hypotheses: Hypotheses) -> tuple[list[lis
 
 
 def _bleu(refs: list[list[Tokens]], hyps: list[Tokens]) -> dict[str, float]:
-    scores = corpus_bleu(refs, hyps, weights=list(_BLEU_WEIGHTS.values()))
+    with warnings.catch_warnings():  # nltk warns on every order without a match; the score (~0) says it
+        warnings.filterwarnings("ignore", message=r"\nThe hypothesis contains 0 counts", category=UserWarning)
+        scores = corpus_bleu(refs, hyps, weights=list(_BLEU_WEIGHTS.values()))
     return {name: float(score) for name, score in zip(_BLEU_WEIGHTS, scores)}
 
 

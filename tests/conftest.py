@@ -187,3 +187,20 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         for port in (p for pair in ports.values() for p in pair):
             for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
                 sock.unlink(missing_ok=True)
+
+
+RAY_CPUS = 4  # logical CPUs; more than the 2 physical cores so actor pools leave room for read tasks
+RAY_OBJECT_STORE_BYTES = 1 << 30
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server: S3Server) -> Iterator[None]:
+    """One local Ray for the whole session, started after ``s3_server`` so its workers inherit the
+    AWS env vars. Fractional-CPU actors and these spare logical CPUs keep reads from starving."""
+    import ray  # imported here: unit-only sessions should not pay for it
+
+    ray.init(num_cpus=RAY_CPUS, object_store_memory=RAY_OBJECT_STORE_BYTES, include_dashboard=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()

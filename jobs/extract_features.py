@@ -1,0 +1,94 @@
+r"""Extract encoder features to Parquet with Ray Data; reruns resume where the last run stopped.
+
+    python jobs/extract_features.py --coco-root data/coco --out features/
+    python jobs/extract_features.py --images s3://bucket/photos --out s3://bucket/features
+    python jobs/extract_features.py --coco-root data/synthetic --out /tmp/f \
+        --arch efficientnet_lite0 --image-size 224 --grid 7
+
+Uses the Ray cluster at RAY_ADDRESS, else starts a local one. S3 credentials come from the standard
+AWS chain; --s3-endpoint (or AWS_ENDPOINT_URL) selects an S3-compatible server.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import fields
+
+from raycap.data.coco import SPLITS
+from raycap.feature_store import DTYPES
+from raycap.features import ExtractConfig, extract_features
+from raycap.models.encoder import FEATURE_DIMS, WEIGHTS_HELP, EncoderConfig
+
+
+def parse_args(argv: Sequence[str] | None = None) -> ExtractConfig:
+    d = {f.name: f.default for f in fields(ExtractConfig)}
+    e = EncoderConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--coco-root", help="COCO layout: annotations/captions_{split}{year}.json and {split}{year}/")
+    source.add_argument("--images", help="a folder or s3:// prefix of images without annotations (ids hash the key)")
+    p.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
+    p.add_argument("--karpathy-file", help="Karpathy's dataset_coco.json, for its splits (paths relative to --coco-root)")
+    p.add_argument("--splits", nargs="+", default=list(d["splits"]), choices=SPLITS)
+    p.add_argument("--year", type=int, default=d["year"])
+    p.add_argument("--images-split", default=d["images_split"], help="split name for --images")
+    p.add_argument("--arch", default=e.arch, choices=sorted(FEATURE_DIMS))
+    p.add_argument("--weights", default=e.weights, help=WEIGHTS_HELP)
+    p.add_argument("--grid", type=int, default=e.grid, help="features are pooled to grid x grid positions")
+    p.add_argument("--image-size", type=int, default=e.image_size)
+    p.add_argument("--dtype", default=d["dtype"], choices=sorted(DTYPES))
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="images per encoder call")
+    p.add_argument("--encoders", type=int, default=d["num_encoders"], help="encoder actors (default: one per GPU, else 1)")
+    p.add_argument("--encoder-cpus", type=float, default=d["encoder_cpus"], help="CPU slots per encoder actor without GPUs")
+    p.add_argument("--torch-threads", type=int, default=d["torch_threads"], help="intra-op threads per CPU encoder")
+    p.add_argument("--decode-batch-size", type=int, default=d["decode_batch_size"], help="images per decode task")
+    p.add_argument(
+        "--decode-cpus", type=float, default=d["decode_cpus"], help="CPU slots per decode task; keep != --encoder-cpus"
+    )
+    p.add_argument("--rows-per-shard", type=int, default=d["rows_per_shard"])
+    p.add_argument("--limit", type=int, default=d["limit"], help="encode at most this many new images per split")
+    p.add_argument("--min-freq", type=int, default=d["min_freq"], help="vocabulary: minimum word count in train captions")
+    p.add_argument("--max-len", type=int, default=d["max_len"], help="vocabulary: words kept per caption")
+    p.add_argument("--s3-endpoint", default=d["s3_endpoint"], help="S3-compatible endpoint URL (default AWS_ENDPOINT_URL)")
+    a = p.parse_args(argv)
+    return ExtractConfig(
+        out=a.out,
+        coco_root=a.coco_root,
+        karpathy_file=a.karpathy_file,
+        images=a.images,
+        splits=tuple(a.splits),
+        year=a.year,
+        images_split=a.images_split,
+        encoder=EncoderConfig(a.arch, a.weights, a.grid, a.image_size),
+        dtype=a.dtype,
+        batch_size=a.batch_size,
+        num_encoders=a.encoders,
+        encoder_cpus=a.encoder_cpus,
+        torch_threads=a.torch_threads,
+        decode_batch_size=a.decode_batch_size,
+        decode_cpus=a.decode_cpus,
+        rows_per_shard=a.rows_per_shard,
+        limit=a.limit,
+        min_freq=a.min_freq,
+        max_len=a.max_len,
+        s3_endpoint=a.s3_endpoint,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    result = extract_features(parse_args(argv))
+    print(f"features, captions and errors under {result.out} ({result.seconds:.1f} s)")
+    for split, s in result.splits.items():
+        print(
+            f"  {split}: {s.ok}/{s.images} extracted ({s.new_ok} new, {s.converted} converted to RGB), "
+            f"{s.failed} failed ({s.new_failed} new), {s.pending} pending, {s.bytes_per_image / 1024:.1f} KiB/image"
+        )
+        if s.failed:
+            print(f"    why each failed: {result.out}/errors/{split}/")
+    if result.vocab_size is not None:
+        print(f"  vocabulary: {result.vocab_size} words in {result.out}/vocab.json")
+
+
+if __name__ == "__main__":
+    main()

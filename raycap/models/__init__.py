@@ -1,0 +1,1 @@
+"""Models: image encoder, GRU and attention decoders, greedy and beam decoding. No Ray here."""

@@ -1,0 +1,207 @@
+"""Caption decoders: a GRU baseline and Show, Attend and Tell's soft-attention LSTM.
+
+Both read image features (B, P, C) -- P grid positions of C channels -- and share one interface:
+`forward` runs teacher forcing over a whole caption; `prepare`, `init_state` and `step` advance one
+word at a time for greedy and beam search (`raycap.models.beam`). States are tuples of batch-first
+tensors, so a search can reorder them with `index_select` without knowing the decoder. A step may
+carry k beams per image: memory keeps one row per image (B) and the state B*k rows grouped by image,
+so the image side is never copied k times.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Memory = tuple[torch.Tensor, ...]  # per-image tensors computed once per caption
+State = tuple[torch.Tensor, ...]  # per-beam recurrent state, batch-first
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """Decoder hyper-parameters; defaults are the reference's."""
+
+    kind: str = "attention"  # "attention" or "gru"
+    embed_dim: int = 512
+    decoder_dim: int = 512
+    attention_dim: int = 512
+    dropout: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.kind not in DECODERS:
+            raise ValueError(f"unknown decoder {self.kind!r}: choose one of {sorted(DECODERS)}")
+
+
+class DecoderOutput(NamedTuple):
+    """A NamedTuple, so DistributedDataParallel can find the tensors in it."""
+
+    logits: torch.Tensor  # (B, T, V) scores for words 1..T given words 0..T-1
+    alphas: torch.Tensor | None  # (B, T, P) attention weights, attention decoder only
+
+
+class Decoder(nn.Module, ABC):
+    """Interface shared by both decoders."""
+
+    vocab_size: int
+    feature_dim: int
+
+    @abstractmethod
+    def forward(self, features: torch.Tensor, captions: torch.Tensor) -> DecoderOutput:
+        """Teacher forcing: features (B, P, C), captions (B*k, T+1), k per image grouped by image
+        -> logits for captions[:, 1:]. The image side is computed once per image, not per caption."""
+
+    @abstractmethod
+    def prepare(self, features: torch.Tensor) -> Memory:
+        """What `step` needs from the image, computed once: features (B, P, C) -> memory."""
+
+    @abstractmethod
+    def init_state(self, memory: Memory) -> State:
+        """Initial recurrent state from the memory: a tuple of (B, ...) tensors."""
+
+    @abstractmethod
+    def step(self, tokens: torch.Tensor, state: State, memory: Memory) -> tuple[torch.Tensor, State, torch.Tensor | None]:
+        """One word for N = B*k rows (k per image, grouped by image; memory has B rows):
+        tokens (N,) -> (logits (N, V), new state, attention (N, P) or None)."""
+
+
+class GRUDecoder(Decoder):
+    """Baseline: a GRU whose initial hidden state is a linear projection of the mean image feature."""
+
+    def __init__(self, vocab_size: int, feature_dim: int, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.vocab_size, self.feature_dim = vocab_size, feature_dim
+        self.embedding = nn.Embedding(vocab_size, cfg.embed_dim)
+        self.init_h = nn.Linear(feature_dim, cfg.decoder_dim)
+        self.gru = nn.GRU(cfg.embed_dim, cfg.decoder_dim, batch_first=True)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.fc = nn.Linear(cfg.decoder_dim, vocab_size)
+        _init_embedding_and_output(self.embedding, self.fc)
+
+    def prepare(self, features: torch.Tensor) -> Memory:
+        return (features.mean(dim=1),)  # (B, C)
+
+    def init_state(self, memory: Memory) -> State:
+        return (self.init_h(memory[0]),)  # (B, D)
+
+    def forward(self, features: torch.Tensor, captions: torch.Tensor) -> DecoderOutput:
+        (h0,) = _per_caption(self.init_state(self.prepare(features)), captions)  # (B*k, D)
+        emb = self.embedding(captions[:, :-1])  # (B*k, T, E)
+        out, _ = self.gru(emb, h0.unsqueeze(0).contiguous())  # (B*k, T, D)
+        return DecoderOutput(self.fc(self.dropout(out)), None)  # (B*k, T, V)
+
+    def step(self, tokens: torch.Tensor, state: State, memory: Memory) -> tuple[torch.Tensor, State, None]:
+        emb = self.embedding(tokens).unsqueeze(1)  # (N, 1, E)
+        out, h = self.gru(emb, state[0].unsqueeze(0).contiguous())  # (N, 1, D), (1, N, D)
+        return self.fc(self.dropout(out.squeeze(1))), (h.squeeze(0),), None
+
+
+class Attention(nn.Module):
+    """Additive (Bahdanau) attention over the feature grid."""
+
+    def __init__(self, feature_dim: int, decoder_dim: int, attention_dim: int) -> None:
+        super().__init__()
+        self.encoder_att = nn.Linear(feature_dim, attention_dim)
+        self.decoder_att = nn.Linear(decoder_dim, attention_dim)
+        self.full_att = nn.Linear(attention_dim, 1)
+
+    def forward(self, features: torch.Tensor, projected: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """features (B, P, C), projected = encoder_att(features) (B, P, A), h (B*k, D)
+        -> context (B*k, C), alpha (B*k, P)."""
+        batch, pixels, _ = features.shape
+        k = h.size(0) // batch
+        hidden = projected.unsqueeze(1) + self.decoder_att(h).view(batch, k, 1, -1)  # (B, k, P, A)
+        scores = self.full_att(hidden.relu_()).squeeze(3)  # (B, k, P)
+        alpha = torch.softmax(scores, dim=2)  # (B, k, P)
+        context = torch.bmm(alpha, features)  # (B, k, C)
+        return context.view(batch * k, -1), alpha.view(batch * k, pixels)
+
+
+class AttentionDecoder(Decoder):
+    """Show, Attend and Tell: an LSTM cell over [word embedding; gated attention context]."""
+
+    def __init__(self, vocab_size: int, feature_dim: int, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.vocab_size, self.feature_dim = vocab_size, feature_dim
+        self.embedding = nn.Embedding(vocab_size, cfg.embed_dim)
+        self.attention = Attention(feature_dim, cfg.decoder_dim, cfg.attention_dim)
+        self.init_h = nn.Linear(feature_dim, cfg.decoder_dim)
+        self.init_c = nn.Linear(feature_dim, cfg.decoder_dim)
+        self.f_beta = nn.Linear(cfg.decoder_dim, feature_dim)  # gating scalar beta, per channel
+        self.lstm = nn.LSTMCell(cfg.embed_dim + feature_dim, cfg.decoder_dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.fc = nn.Linear(cfg.decoder_dim, vocab_size)
+        _init_embedding_and_output(self.embedding, self.fc)
+
+    def prepare(self, features: torch.Tensor) -> Memory:
+        return features, self.attention.encoder_att(features), features.mean(dim=1)  # (B,P,C), (B,P,A), (B,C)
+
+    def init_state(self, memory: Memory) -> State:
+        mean = memory[2]
+        return self.init_h(mean), self.init_c(mean)  # (B, D) each
+
+    def step(self, tokens: torch.Tensor, state: State, memory: Memory) -> tuple[torch.Tensor, State, torch.Tensor]:
+        features, projected, _ = memory
+        h, c = state
+        context, alpha = self.attention(features, projected, h)  # (N, C), (N, P)
+        gate = torch.sigmoid(self.f_beta(h))  # (N, C)
+        x = torch.cat([self.embedding(tokens), gate * context], dim=1)  # (N, E + C)
+        h, c = self.lstm(x, (h, c))  # (N, D) each
+        return self.fc(self.dropout(h)), (h, c), alpha
+
+    def forward(self, features: torch.Tensor, captions: torch.Tensor) -> DecoderOutput:
+        memory = self.prepare(features)
+        state = _per_caption(self.init_state(memory), captions)  # (B*k, D) each
+        logits, alphas = [], []
+        for t in range(captions.size(1) - 1):
+            step_logits, state, alpha = self.step(captions[:, t], state, memory)
+            logits.append(step_logits)
+            alphas.append(alpha)
+        return DecoderOutput(torch.stack(logits, dim=1), torch.stack(alphas, dim=1))  # (B*k,T,V), (B*k,T,P)
+
+
+def _per_caption(state: State, captions: torch.Tensor) -> State:
+    """Repeat a per-image state (B, ...) for k captions per image: (B*k, ...)."""
+    k, rest = divmod(captions.size(0), state[0].size(0))
+    if rest:
+        raise ValueError(f"{captions.size(0)} captions for {state[0].size(0)} images: need the same number per image")
+    return state if k == 1 else tuple(s.repeat_interleave(k, dim=0) for s in state)
+
+
+def _init_embedding_and_output(embedding: nn.Embedding, fc: nn.Linear) -> None:
+    """Uniform(-0.1, 0.1) embeddings and output weights, zero output bias, as in the reference."""
+    embedding.weight.data.uniform_(-0.1, 0.1)
+    fc.weight.data.uniform_(-0.1, 0.1)
+    fc.bias.data.zero_()
+
+
+DECODERS: dict[str, type[Decoder]] = {"attention": AttentionDecoder, "gru": GRUDecoder}
+
+
+def build_decoder(cfg: DecoderConfig, vocab_size: int, feature_dim: int) -> Decoder:
+    return DECODERS[cfg.kind](vocab_size, feature_dim, cfg)
+
+
+def trim_padding(captions: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Drop trailing columns that are padding in every row: (B, L) -> (B, T+1), T+1 <= L."""
+    longest = int((captions != pad_id).sum(dim=1).max())
+    return captions[:, :longest]
+
+
+def caption_loss(
+    output: DecoderOutput, captions: torch.Tensor, pad_id: int, alpha_c: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total loss, cross-entropy): CE over non-pad targets plus, for attention, the doubly
+    stochastic term alpha_c * mean_i (1 - sum_t alpha_ti)^2 that pushes every position to be
+    attended over the caption."""
+    targets = captions[:, 1:]  # (B, T)
+    ce = F.cross_entropy(output.logits.reshape(-1, output.logits.size(-1)), targets.reshape(-1), ignore_index=pad_id)
+    if output.alphas is None or alpha_c == 0:
+        return ce, ce
+    mask = (targets != pad_id).unsqueeze(2).to(output.alphas.dtype)  # (B, T, 1)
+    attended = (output.alphas * mask).sum(dim=1)  # (B, P)
+    return ce + alpha_c * ((1.0 - attended) ** 2).mean(), ce

