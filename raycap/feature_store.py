@@ -204,6 +204,15 @@ def stored_spec(out: str, split: str, endpoint: str | None = None) -> FeatureSpe
     return FeatureSpec.from_metadata(pq.read_schema(path, filesystem=fs).metadata, uri)
 
 
+def _feature_uris(out: str, split: str, endpoint: str | None) -> list[str]:
+    uris = [info.uri for info in list_shards(features_dir(out, split), endpoint)]
+    if not uris:
+        raise FileNotFoundError(
+            f"no feature shards under {features_dir(out, split)}: run jobs/extract_features.py --out {out} first"
+        )
+    return uris
+
+
 def read_feature_shard(uri: str, endpoint: str | None = None) -> tuple[np.ndarray, np.ndarray, FeatureSpec]:
     """One shard: image ids (N,) int64, features (N, P, C) (a zero-copy view) and its spec."""
     fs, path = storage.filesystem(uri, endpoint)
@@ -215,12 +224,7 @@ def read_feature_shard(uri: str, endpoint: str | None = None) -> tuple[np.ndarra
 
 def read_features(out: str, split: str, endpoint: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """All features of a split, sorted by image id: ids (N,) int64, features (N, P, C)."""
-    uris = [info.uri for info in list_shards(features_dir(out, split), endpoint)]
-    if not uris:
-        raise FileNotFoundError(
-            f"no feature shards under {features_dir(out, split)}: run jobs/extract_features.py --out {out} first"
-        )
-    shards = [read_feature_shard(uri, endpoint) for uri in uris]
+    shards = [read_feature_shard(uri, endpoint) for uri in _feature_uris(out, split, endpoint)]
     specs = {shard[2] for shard in shards}
     if len(specs) > 1:
         raise ValueError(f"shards under {features_dir(out, split)} were made with different encoders: {specs}")
@@ -265,8 +269,7 @@ def read_manifest(out: str, endpoint: str | None = None) -> dict[str, Any]:
 
 def read_keys(out: str, split: str, endpoint: str | None = None) -> tuple[np.ndarray, list[str]]:
     """Image ids (N,) and their source keys (paths or URIs), for showing images next to results."""
-    uris = [info.uri for info in list_shards(features_dir(out, split), endpoint)]
-    table = _read(uris, ["image_id", "key"], endpoint)
+    table = _read(_feature_uris(out, split, endpoint), ["image_id", "key"], endpoint)
     return table.column("image_id").to_numpy(), table.column("key").to_pylist()
 
 

@@ -1,0 +1,130 @@
+"""Beam search throughput: one batched call over all images vs the same `beam_search` per image.
+
+Both sides run the same decoder (random weights, eval mode) on the same features. The decoder is
+the reference's: embed/decoder/attention 512 over a 14x14x2048 ResNet-101 grid, and a COCO-sized
+vocabulary of 9,490 entries (the reference's word map: Karpathy train words seen more than 5 times,
+plus 4 specials), because the output layer and the softmax/top-k over the vocabulary are a large
+share of each step and a toy vocabulary would flatter the per-image loop. Random weights
+almost never pick <end>, so every caption runs all `--max-len` words: a fixed amount of work per
+image, and an upper bound on the steps a trained model takes. The two sides alternate (which goes
+first flips each repeat) after a warm-up, and the median of `--repeats` runs counts.
+
+    python bench/beam_search.py [--images 64 --max-len 20 --beams 3 5 --repeats 5] [--quick]
+
+Prints a table, then one JSON line last; "ratio" is batched/per-image images/s for the attention
+decoder at beam 3 (GRU figures are extra keys; "*_cpu_ratio" compares process CPU time, which a
+loaded shared machine disturbs far less than wall time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from raycap.models.beam import beam_search
+from raycap.models.decoders import Decoder, DecoderConfig, build_decoder
+
+COCO_VOCAB = 9490  # entries in the reference's COCO word map
+GRID, FEATURE_DIM = 14, 2048  # ResNet-101 at 256x256 input, pooled to 14x14
+START, END = 1, 2
+
+
+def _seconds(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """(wall, process CPU) seconds of one call. CPU time barely moves when neighbours load the machine."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def compare(decoder: Decoder, features: torch.Tensor, beam: int, max_len: int, repeats: int) -> dict[str, float]:
+    """Median images/s (wall clock) of one batched call and of a per-image loop, run alternately,
+    and the ratio of their median CPU times."""
+
+    def batched() -> None:
+        beam_search(decoder, features, START, END, beam_size=beam, max_len=max_len)
+
+    def per_image() -> None:
+        for i in range(features.size(0)):
+            beam_search(decoder, features[i : i + 1], START, END, beam_size=beam, max_len=max_len)
+
+    warm = features[:2]
+    beam_search(decoder, warm, START, END, beam_size=beam, max_len=max_len)
+    beam_search(decoder, warm[:1], START, END, beam_size=beam, max_len=max_len)
+    wall: dict[str, list[float]] = {"batched": [], "per_image": []}
+    cpu: dict[str, list[float]] = {"batched": [], "per_image": []}
+    for repeat in range(repeats):
+        order = [("batched", batched), ("per_image", per_image)]
+        for name, fn in order if repeat % 2 == 0 else order[::-1]:
+            seconds, cpu_seconds = _seconds(fn, features.device)
+            wall[name].append(seconds)
+            cpu[name].append(cpu_seconds)
+    n = features.size(0)
+    batched_ips = n / statistics.median(wall["batched"])
+    per_image_ips = n / statistics.median(wall["per_image"])
+    return {
+        "batched": batched_ips,
+        "per_image": per_image_ips,
+        "ratio": batched_ips / per_image_ips,
+        "cpu_ratio": statistics.median(cpu["per_image"]) / statistics.median(cpu["batched"]),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--max-len", type=int, default=20, help="words per caption (COCO captions average ~10)")
+    parser.add_argument("--beams", type=int, nargs="+", default=[3, 5])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--vocab", type=int, default=COCO_VOCAB)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="16 images, beam 3, 2 repeats: a smoke run")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.images, args.beams, args.repeats = 16, [3], 2
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    features = torch.rand(args.images, GRID * GRID, FEATURE_DIM, device=device)  # (B, P, C), post-ReLU-like
+    print(
+        f"{args.images} images, features {GRID}x{GRID}x{FEATURE_DIM}, vocab {args.vocab}, max_len {args.max_len}, "
+        f"device {device}, {args.threads} torch threads, median of {args.repeats}",
+        flush=True,
+    )
+    print(f"{'decoder':<10} {'beam':>4} {'batched img/s':>14} {'per-image img/s':>16} {'ratio':>7} {'CPU-time ratio':>15}")
+    figures: dict[str, object] = {
+        "images": args.images,
+        "max_len": args.max_len,
+        "vocab": args.vocab,
+        "feature_shape": [GRID * GRID, FEATURE_DIM],
+        "device": str(device),
+        "threads": args.threads,
+        "repeats": args.repeats,
+    }
+    for kind in ("attention", "gru"):
+        decoder = build_decoder(DecoderConfig(kind=kind), args.vocab, FEATURE_DIM).to(device).eval()
+        for beam in args.beams:
+            result = compare(decoder, features, beam, args.max_len, args.repeats)
+            row = f"{kind:<10} {beam:>4} {result['batched']:>14.2f} {result['per_image']:>16.2f}"
+            print(f"{row} {result['ratio']:>6.2f}x {result['cpu_ratio']:>14.2f}x", flush=True)
+            for key, value in result.items():
+                figures[f"{kind}_beam{beam}_{key}"] = round(value, 3)
+    headline_beam = 3 if 3 in args.beams else args.beams[0]
+    figures["ratio"] = figures[f"attention_beam{headline_beam}_ratio"]
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
