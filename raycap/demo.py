@@ -32,7 +32,7 @@ class DemoConfig:
     seed: int = 0
     encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig("efficientnet_lite0", "imagenet", 7, 224))
     decoder_dim: int = 256  # embed, decoder and attention dims (reference: 512)
-    epochs: int = 10
+    epochs: int = 15
     batch_size: int = 16  # images per worker step, x5 captions
     num_workers: int = 2
     beam_size: int = 3

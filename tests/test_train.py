@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -99,35 +103,60 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_for_dashboard(address: str, cluster: subprocess.Popen, log: Path, timeout_s: float = 180) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if cluster.poll() is not None:
+            raise RuntimeError(f"ray start exited with {cluster.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2).read()
+            return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"Ray dashboard at {address} not up after {timeout_s}s:\n{log.read_text()[-3000:]}")
+
+
 def test_ray_job_submit_runs_train_script_to_success(tiny_features: str, tmp_path: Path) -> None:
     ray_cli = str(Path(sys.executable).parent / "ray")
     dashboard = _free_port()
+    address = f"http://127.0.0.1:{dashboard}"
     env = {**os.environ, "RAY_ADDRESS": ""}
+    temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     head = [
         ray_cli, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=4",
-        "--object-store-memory=500000000", f"--temp-dir={tmp_path / 'ray'}",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--ray-client-server-port=0",  # no Ray Client server: jobs need none
+        f"--dashboard-agent-listen-port={_free_port()}", "--num-cpus=4",
+        "--object-store-memory=500000000", f"--temp-dir={temp_dir}",
     ]
+    log = tmp_path / "ray_head.log"
     # --block keeps the head in the foreground: stopping its process group stops this cluster only,
     # where `ray stop` would also stop the test session's own Ray.
-    cluster = subprocess.Popen(head, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with log.open("w") as out:
+        cluster = subprocess.Popen(head, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
     try:
-        address = f"http://127.0.0.1:{dashboard}"
+        _wait_for_dashboard(address, cluster, log)
         submit = [
             ray_cli, "job", "submit", f"--address={address}", "--",
             sys.executable, str(REPO / "jobs" / "train.py"), "--features", tiny_features, "--model", "gru",
             "--epochs", "1", "--batch-size", "4", "--embed-dim", "16", "--decoder-dim", "16",
             "--storage-path", str(tmp_path / "runs"), "--run-name", "submitted",
         ]
-        deadline = time.time() + 90
-        while True:  # the dashboard takes a few seconds to accept jobs
+        deadline = time.time() + 120
+        while True:  # the job agent comes up some seconds after the dashboard
             done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=400, cwd=REPO)
-            if done.returncode == 0 or time.time() > deadline or "Connection" not in done.stderr + done.stdout:
+            if done.returncode == 0 or "No available agent" not in done.stderr or time.time() > deadline:
                 break
-            time.sleep(2)
+            time.sleep(3)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert "SUCCEEDED" in done.stdout + done.stderr, done.stdout[-2000:]
         assert _epochs(str(tmp_path / "runs" / "submitted"))
     finally:
         os.killpg(cluster.pid, signal.SIGTERM)
-        cluster.wait(timeout=60)
+        try:
+            cluster.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):  # what ignored SIGTERM
+            os.killpg(cluster.pid, signal.SIGKILL)
+        cluster.wait(timeout=30)
+        shutil.rmtree(temp_dir, ignore_errors=True)

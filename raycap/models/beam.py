@@ -38,9 +38,14 @@ def greedy_decode(decoder: Decoder, features: torch.Tensor, start_id: int, end_i
     tokens = torch.full((batch,), start_id, dtype=torch.long, device=features.device)  # (B,)
     finished = torch.zeros(batch, dtype=torch.bool, device=features.device)
     words, log_probs, alphas = [], [], []
-    for _ in range(max_len + 1):
+    for t in range(max_len + 1):
         logits, state, alpha = decoder.step(tokens, state, memory)
-        step_logp, tokens = torch.log_softmax(logits.float(), dim=-1).max(dim=-1)  # (B,), (B,)
+        logp = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
+        if t == max_len:  # out of words: the caption ends here, scored with <end>
+            tokens = torch.full_like(tokens, end_id)
+            step_logp = logp[:, end_id]
+        else:
+            step_logp, tokens = logp.max(dim=-1)  # (B,), (B,)
         words.append(tokens)
         log_probs.append(torch.where(finished, 0.0, step_logp))
         alphas.append(alpha)
@@ -95,6 +100,8 @@ def beam_search(
         logits, state, alpha = decoder.step(tokens, state, memory)
         logp = torch.log_softmax(logits.float(), dim=-1).view(batch, k, vocab)  # (B, k, V)
         logp = torch.where(finished.unsqueeze(2), only_end, logp)
+        if t == max_len:  # out of words: every open caption ends here, scored with <end>
+            logp = logp + only_end
         top_scores, top_idx = (scores.unsqueeze(2) + logp).view(batch, k * vocab).topk(k, dim=1)  # (B, k)
         parent, words = top_idx // vocab, top_idx % vocab  # (B, k) each
 

@@ -14,13 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from raycap.data.images import DEFAULT_MAX_PIXELS, DecodedImage, load_image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# Input normalisation each trunk was trained with, in 0..255 pixel units: torchvision's ResNets use
+# ImageNet statistics; EfficientNet-Lite (TensorFlow edge models) uses mean 127, std 128.
+IMAGENET = ((0.485 * 255, 0.456 * 255, 0.406 * 255), (0.229 * 255, 0.224 * 255, 0.225 * 255))
+NORMALISATION = {"efficientnet_lite0": ((127.0,) * 3, (128.0,) * 3)}
 
 # arch -> channels of the trunk's last feature map
 FEATURE_DIMS = {
@@ -98,6 +99,8 @@ def _efficientnet_lite0(weights: str) -> tuple[nn.Module, dict[str, torch.Tensor
 
 
 def _resnet(arch: str, weights: str) -> tuple[nn.Module, dict[str, torch.Tensor] | None]:
+    import torchvision  # here, not at the top: EfficientNet actors start faster without it
+
     builder: Callable[..., nn.Module] = getattr(torchvision.models, arch)
     if weights != "imagenet":
         return builder(weights=None), None if weights == "none" else _load_state_dict(weights)
@@ -122,7 +125,10 @@ def _build_trunk(cfg: EncoderConfig) -> nn.Module:
         classifier = ("fc.",)
     if state is not None:
         state = {k: v for k, v in state.items() if not k.startswith(classifier)}
-        missing, unexpected = net.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = net.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shape mismatches raise even with strict=False
+            raise ValueError(f"encoder weights {cfg.weights!r} do not fit {cfg.arch}: {exc}") from None
         missing = [k for k in missing if not k.startswith(classifier)]
         if missing or unexpected:
             raise ValueError(
@@ -139,8 +145,9 @@ class Encoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.trunk = _build_trunk(cfg)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0, persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0, persistent=False)
+        mean, std = NORMALISATION.get(cfg.arch, IMAGENET)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         self.eval()
 

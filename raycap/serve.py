@@ -1,0 +1,634 @@
+"""Ray Serve stage: an `Encoder` and a `Decoder` deployment behind a FastAPI ingress.
+
+    serve run serve_config.yaml        # local: starts Ray, serves http://127.0.0.1:8000 (docs at /docs)
+    serve deploy serve_config.yaml     # a running cluster (through its dashboard)
+
+Encoder (image bytes -> feature map) and Decoder (feature map -> captions by beam search) are
+separate deployments, so each autoscales on its own, and each batches concurrent requests with
+`@serve.batch`. Their `user_config` names the checkpoint (a folder or s3:// prefix written by
+`raycap.train`) and the batching knobs; changing it in the config file and deploying again calls
+`reconfigure`, which loads the new checkpoint beside the old one and swaps it in without dropping
+requests. The encoder always runs the encoder config recorded in the checkpoint.
+
+HTTP (the ingress, `Captioner`):
+    POST /caption          one image: the raw body, or one file of a multipart/form-data upload
+    POST /caption/batch    several images as multipart/form-data files
+        query: beam_size (3), num_captions (1, <= beam_size), attention (false)
+        -> {caption, score, model, beams?: [{caption, score, attention?}], attention?: (words, grid, grid)}
+    GET  /model            checkpoint, vocabulary size, encoder and decoder configs
+    GET  /healthz          liveness, never authenticated
+
+Bad input gets a 4xx with a JSON `detail`: undecodable bytes 400, too large 413, too many images
+413, bad options 422. Authentication is off unless RAYCAP_API_TOKEN is set in the replicas'
+environment (e.g. `runtime_env: {env_vars: {RAYCAP_API_TOKEN: ...}}` in serve_config.yaml); then
+every route but /healthz and the docs needs `Authorization: Bearer <token>`, else 401.
+
+Other Ray code calls the same deployments through handles, e.g.
+`serve.get_app_handle("raycap").caption_images.remote([jpeg_bytes], CaptionOptions())`.
+"""
+
+import asyncio
+import dataclasses
+import json
+import os
+import secrets
+import tempfile
+import time
+from collections.abc import AsyncIterator, Hashable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+import yaml
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, NonNegativeFloat, PositiveInt
+from ray import serve
+from ray.exceptions import RayTaskError
+from ray.serve.handle import DeploymentHandle
+from ray.serve.schema import ApplicationStatus, ServeDeploySchema
+from starlette.datastructures import Headers, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from raycap import storage
+from raycap.data.images import DEFAULT_MAX_PIXELS, ImageError
+from raycap.data.vocab import Vocab
+from raycap.models.beam import Caption, beam_search
+from raycap.models.checkpoint import CaptionModel, load_checkpoint
+from raycap.models.encoder import Encoder, EncoderConfig
+
+APP_NAME = "raycap"
+TOKEN_ENV = "RAYCAP_API_TOKEN"
+SWAP_WAIT_S = 30.0  # how long a request waits for Encoder and Decoder to agree after a checkpoint swap
+MULTIPART_OVERHEAD = 64 * 1024  # bytes of multipart headers and boundaries allowed beyond the images
+
+K = TypeVar("K", bound=Hashable)
+
+
+# --- configuration -----------------------------------------------------------------------------
+
+
+class AppArgs(BaseModel):
+    """Application `args:` in serve_config.yaml: request limits, fixed for the application's life."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_image_bytes: PositiveInt = 10 * 2**20  # larger uploads get 413
+    max_images_per_request: PositiveInt = 16  # more files in /caption/batch get 413
+    max_beam_size: PositiveInt = 10  # larger beam_size gets 422
+    max_pixels: PositiveInt = DEFAULT_MAX_PIXELS  # larger decoded images get 400 (decompression bombs)
+
+
+class EncoderSettings(BaseModel):
+    """The Encoder deployment's `user_config`; changing it reconfigures replicas in place."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: str  # folder, ~/folder or s3://bucket/prefix; the encoder config is read from it
+    max_batch_size: PositiveInt = 16
+    batch_wait_timeout_s: NonNegativeFloat = 0.01
+
+
+class DecoderSettings(EncoderSettings):
+    """The Decoder deployment's `user_config`."""
+
+    model_name: str | None = None  # reported as `model`; default: the checkpoint folder's name
+    max_len: PositiveInt = 50  # words per caption at most
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionOptions:
+    """Per-request decoding options."""
+
+    beam_size: int = 3
+    num_captions: int = 1  # best captions to return, <= beam_size
+    attention: bool = False  # return attention maps (attention decoder only)
+
+
+class InvalidOptions(ValueError):
+    """Caption options outside what the application allows; the message says which and why."""
+
+
+class LimitExceeded(ValueError):
+    """Too many images, or an image too large, for the application's limits."""
+
+
+class ModelMismatch(RuntimeError):
+    """Features made by an encoder that none of the Decoder's loaded checkpoints was trained with."""
+
+
+# --- responses ---------------------------------------------------------------------------------
+
+
+class Beam(BaseModel):
+    caption: str
+    score: float  # log-probability of the words and <end>
+    attention: list[list[list[float]]] | None = None  # (words, grid, grid): where each word looked
+
+
+class CaptionResponse(BaseModel):
+    caption: str
+    score: float
+    model: str
+    beams: list[Beam] | None = None  # all num_captions captions, best first, when num_captions > 1
+    attention: list[list[list[float]]] | None = None  # the best caption's, when asked for
+
+
+class BatchResponse(BaseModel):
+    results: list[CaptionResponse]  # in upload order
+
+
+class ModelInfo(BaseModel):
+    model: str
+    checkpoint: str
+    vocab_size: int
+    encoder: dict[str, Any]
+    decoder: dict[str, Any]
+    epoch: int
+    metrics: dict[str, Any]
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """A checkpoint loaded for serving and the name it is served under."""
+
+    name: str
+    checkpoint: str
+    model: CaptionModel
+
+
+@contextmanager
+def _local_checkpoint(uri: str) -> Iterator[Path]:
+    """A local folder holding the checkpoint at `uri`: itself, or a temporary copy of an s3:// one."""
+    if not storage.is_s3(uri):
+        yield Path(uri).expanduser()
+        return
+    prefix = uri.rstrip("/") + "/"
+    with tempfile.TemporaryDirectory(prefix="raycap-checkpoint-") as tmp:
+        for file in storage.list_files(uri):
+            name = file.uri[len(prefix) :]
+            if name == "optimizer.pt":  # only for resuming training
+                continue
+            target = Path(tmp, name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(storage.read_bytes(file.uri))
+        yield Path(tmp)
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(checkpoint: str, name: str | None = None) -> LoadedModel:
+    """Load a checkpoint (folder or s3:// prefix) onto this process's device for serving."""
+    with _local_checkpoint(checkpoint) as local:
+        model = load_checkpoint(local, device=_device())
+    return LoadedModel(name or Path(checkpoint.rstrip("/")).name, checkpoint, model)
+
+
+def checkpoint_encoder_config(checkpoint: str) -> EncoderConfig:
+    """The encoder config a checkpoint was trained with, read from its meta.json alone."""
+    meta_uri = storage.join(checkpoint, "meta.json")
+    meta = json.loads(storage.read_bytes(meta_uri))
+    if "encoder" not in meta:
+        raise ValueError(f"{meta_uri} has no 'encoder' section: is {checkpoint} a raycap checkpoint?")
+    return EncoderConfig(**meta["encoder"])
+
+
+# --- deployments -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    """An image's feature map and the encoder config that produced it."""
+
+    features: np.ndarray  # (P, C) float32
+    encoder: EncoderConfig
+
+
+def _groups(keys: Sequence[K]) -> dict[K, list[int]]:
+    """Positions of equal keys: a batch may mix models or options, which must run apart."""
+    groups: dict[K, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    return groups
+
+
+def _build_encoder(cfg: EncoderConfig) -> Encoder:
+    return Encoder(cfg).to(_device())
+
+
+@serve.deployment(name="Encoder", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.4})
+class ImageEncoder:
+    """Image bytes -> features (P, C), batched; decodes with the one shared preprocessing path."""
+
+    def __init__(self, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        self.max_pixels = max_pixels
+        self.encoder: Encoder | None = None
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        settings = EncoderSettings.model_validate(user_config)
+        cfg = await asyncio.to_thread(checkpoint_encoder_config, settings.checkpoint)
+        if self.encoder is None or self.encoder.cfg != cfg:
+            self.encoder = await asyncio.to_thread(_build_encoder, cfg)  # requests keep using the old one
+        self.encode_batch.set_max_batch_size(settings.max_batch_size)
+        self.encode_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+
+    async def __call__(self, image: bytes) -> Encoded:
+        """Raises ImageError (the reason in its message) for bytes that are not a usable image."""
+        if self.encoder is None:
+            raise RuntimeError("Encoder has no checkpoint: set user_config.checkpoint (see serve_config.yaml)")
+        encoder = self.encoder
+        array, _ = await asyncio.to_thread(encoder.preprocess, image, self.max_pixels)  # (S, S, 3) uint8
+        return await self.encode_batch((encoder, array))
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def encode_batch(self, items: list[tuple[Encoder, np.ndarray]]) -> list[Encoded]:
+        out: list[Encoded] = [None] * len(items)  # type: ignore[list-item]
+        for encoder, rows in _groups([encoder for encoder, _ in items]).items():
+            images = np.stack([items[i][1] for i in rows])  # (B, S, S, 3) uint8
+            features = await asyncio.to_thread(lambda: encoder.encode(images).cpu().numpy())  # (B, P, C)
+            for row, i in enumerate(rows):
+                out[i] = Encoded(features[row], encoder.cfg)
+        return out
+
+
+def _attention_maps(caption: Caption, vocab: Vocab, grid: int) -> list[list[list[float]]] | None:
+    """One (grid, grid) map per word of the decoded caption; None for decoders without attention."""
+    if caption.alphas is None:
+        return None
+    words = [i for i, token in enumerate(caption.tokens) if token not in (vocab.start_id, vocab.pad_id)]  # as decode
+    return caption.alphas[words].view(-1, grid, grid).tolist()  # (words, grid, grid)
+
+
+def _response(loaded: LoadedModel, captions: list[Caption], options: CaptionOptions) -> CaptionResponse:
+    vocab, grid = loaded.model.vocab, loaded.model.encoder_cfg.grid
+    beams = [
+        Beam(
+            caption=vocab.decode(c.tokens),
+            score=c.score,
+            attention=_attention_maps(c, vocab, grid) if options.attention else None,
+        )
+        for c in captions
+    ]
+    best = beams[0]
+    many = beams if options.num_captions > 1 else None
+    return CaptionResponse(caption=best.caption, score=best.score, model=loaded.name, beams=many, attention=best.attention)
+
+
+@serve.deployment(name="Decoder", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.3})
+class CaptionDecoder:
+    """Features -> captions by batched beam search. Keeps the previous checkpoint after a swap, so
+    features the Encoder made with the old encoder config still decode."""
+
+    def __init__(self) -> None:
+        self.current: LoadedModel | None = None
+        self.previous: LoadedModel | None = None
+        self.max_len = DecoderSettings.model_fields["max_len"].default
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        settings = DecoderSettings.model_validate(user_config)
+        current = self.current
+        if current is None or (settings.checkpoint, settings.model_name) != (current.checkpoint, current.name):
+            loaded = await asyncio.to_thread(load_model, settings.checkpoint, settings.model_name)
+            self.previous, self.current = current, loaded
+        self.max_len = settings.max_len
+        self.decode_batch.set_max_batch_size(settings.max_batch_size)
+        self.decode_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+
+    def _loaded(self) -> LoadedModel:
+        if self.current is None:
+            raise RuntimeError("Decoder has no checkpoint: set user_config.checkpoint (see serve_config.yaml)")
+        return self.current
+
+    async def info(self) -> ModelInfo:
+        loaded = self._loaded()
+        m = loaded.model
+        return ModelInfo(
+            model=loaded.name,
+            checkpoint=loaded.checkpoint,
+            vocab_size=len(m.vocab),
+            encoder=dataclasses.asdict(m.encoder_cfg),
+            decoder=dataclasses.asdict(m.decoder_cfg),
+            epoch=m.epoch,
+            metrics=m.metrics,
+        )
+
+    async def caption(self, encoded: Encoded, options: CaptionOptions) -> CaptionResponse:
+        """Raises InvalidOptions for a beam wider than the vocabulary, and ModelMismatch while a
+        checkpoint swap has reached the Encoder but not this replica."""
+        self._loaded()
+        result = await self.decode_batch((encoded, options))
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def decode_batch(self, items: list[tuple[Encoded, CaptionOptions]]) -> list[CaptionResponse | Exception]:
+        """One beam search per (checkpoint, options) group; a failed item gets its exception."""
+        models = [m for m in (self.current, self.previous) if m is not None]
+        max_len = self.max_len
+        out: list[CaptionResponse | Exception] = [None] * len(items)  # type: ignore[list-item]
+        keys: list[tuple[int, CaptionOptions]] = []  # (index in models, options); -1: failed
+        for i, (encoded, options) in enumerate(items):
+            which = next((j for j, m in enumerate(models) if m.model.encoder_cfg == encoded.encoder), -1)
+            if which < 0:
+                out[i] = ModelMismatch(f"no loaded checkpoint was trained with encoder {encoded.encoder}")
+            elif options.beam_size > (vocab_size := len(models[which].model.vocab)):
+                out[i] = InvalidOptions(f"beam_size {options.beam_size} exceeds the vocabulary size ({vocab_size})")
+                which = -1
+            keys.append((which, options))
+        for (which, options), rows in _groups(keys).items():
+            if which < 0:
+                continue
+            loaded = models[which]
+            features = torch.from_numpy(np.stack([items[i][0].features for i in rows])).to(_device())  # (B, P, C)
+            vocab = loaded.model.vocab
+            captions = await asyncio.to_thread(
+                beam_search, loaded.model.decoder, features, vocab.start_id, vocab.end_id,
+                beam_size=options.beam_size, max_len=max_len, num_captions=options.num_captions,
+            )  # fmt: skip
+            for row, i in enumerate(rows):
+                out[i] = _response(loaded, captions[row], options)
+        return out
+
+
+# --- ingress -----------------------------------------------------------------------------------
+
+api = FastAPI(
+    title="raycap",
+    summary="Image captioning (Show, Attend and Tell) on Ray Serve",
+    description=f"Authentication: when {TOKEN_ENV} is set on the server, send `Authorization: Bearer <token>`.",
+)
+bearer = HTTPBearer(auto_error=False, description=f"the server's {TOKEN_ENV}")
+_IMAGE_BODY = {"type": "string", "format": "binary"}
+_SINGLE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "image/*": {"schema": _IMAGE_BODY},
+            "application/octet-stream": {"schema": _IMAGE_BODY},
+            "multipart/form-data": {"schema": {"type": "object", "properties": {"image": _IMAGE_BODY}}},
+        },
+    }
+}
+_BATCH_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {"type": "object", "properties": {"images": {"type": "array", "items": _IMAGE_BODY}}}
+            }
+        },
+    }
+}
+
+
+def caption_options(
+    beam_size: int = Query(3, ge=1, description="beams kept per step (at most the app's max_beam_size)"),
+    num_captions: int = Query(1, ge=1, description="captions to return, best first; at most beam_size"),
+    attention: bool = Query(False, description="return attention maps, (words, grid, grid) per caption"),
+) -> CaptionOptions:
+    return CaptionOptions(beam_size, num_captions, attention)
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The exception a deployment raised, without Ray's wrappers (which repeat remote tracebacks)."""
+    while isinstance(exc, RayTaskError) and exc.cause is not None:
+        exc = exc.cause
+    return exc
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 once it exceeds `limit` bytes (declared or streamed)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _multipart_files(body: bytes, headers: Headers) -> list[bytes]:
+    """The content of each file in a multipart/form-data body, in order; other fields ignored."""
+
+    async def stream() -> AsyncIterator[bytes]:
+        yield body
+
+    try:
+        form = await MultiPartParser(headers, stream(), max_files=float("inf"), max_fields=1000).parse()
+    except MultiPartException as exc:
+        raise HTTPException(400, f"malformed multipart/form-data body: {exc.message}") from None
+    try:
+        return [await value.read() for _, value in form.multi_items() if isinstance(value, UploadFile)]
+    finally:
+        await form.close()
+
+
+def _is_multipart(headers: Headers) -> bool:
+    return headers.get("content-type", "").startswith("multipart/form-data")
+
+
+@serve.deployment(name="Captioner", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.1})
+@serve.ingress(api)
+class Captioner:
+    """HTTP API and Python entry point: images -> Encoder -> Decoder, through deployment handles."""
+
+    def __init__(self, encoder: DeploymentHandle, decoder: DeploymentHandle, args: AppArgs) -> None:
+        self.encoder, self.decoder, self.args = encoder, decoder, args
+        self.token = os.environ.get(TOKEN_ENV) or None
+
+    def _check(self, images: Sequence[bytes], options: CaptionOptions) -> None:
+        """Raise InvalidOptions for options, or LimitExceeded for image counts/sizes, beyond the limits."""
+        a = self.args
+        if not 1 <= options.beam_size <= a.max_beam_size:
+            raise InvalidOptions(f"beam_size must be between 1 and {a.max_beam_size}, got {options.beam_size}")
+        if not 1 <= options.num_captions <= options.beam_size:
+            raise InvalidOptions(
+                f"num_captions must be between 1 and beam_size ({options.beam_size}), got {options.num_captions}"
+            )
+        if len(images) > a.max_images_per_request:
+            raise LimitExceeded(f"{len(images)} images exceed the limit of {a.max_images_per_request} per request")
+        for i, image in enumerate(images):
+            if len(image) > a.max_image_bytes:
+                raise LimitExceeded(f"image {i + 1} has {len(image)} bytes, over the limit of {a.max_image_bytes}")
+
+    async def caption_images(
+        self, images: Sequence[bytes], options: CaptionOptions = CaptionOptions()
+    ) -> list[CaptionResponse]:
+        """Caption images (encoded bytes, any PIL format). Raises InvalidOptions, LimitExceeded, or
+        ImageError for an unusable image (its message names which)."""
+        self._check(images, options)
+        return list(await asyncio.gather(*(self._caption_one(i, image, options) for i, image in enumerate(images))))
+
+    async def _caption_one(self, index: int, image: bytes, options: CaptionOptions) -> CaptionResponse:
+        deadline = time.monotonic() + SWAP_WAIT_S
+        while True:
+            try:
+                return await self.decoder.caption.remote(self.encoder.remote(image), options)
+            except (ImageError, ModelMismatch) as exc:
+                cause = _cause(exc)
+                if isinstance(cause, ImageError):
+                    raise ImageError(f"image {index + 1}: {cause}") from None
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"Encoder and Decoder still disagree after {SWAP_WAIT_S} s: {cause}") from None
+            await asyncio.sleep(0.2)  # a checkpoint swap is half done: encode again
+
+    def _authorize(self, credentials: HTTPAuthorizationCredentials | None) -> None:
+        if self.token is None:
+            return
+        if credentials is None or not secrets.compare_digest(credentials.credentials.encode(), self.token.encode()):
+            raise HTTPException(
+                401, "missing or wrong bearer token: send 'Authorization: Bearer <token>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )  # fmt: skip
+
+    async def _http_caption(self, images: list[bytes], options: CaptionOptions) -> list[CaptionResponse]:
+        """`caption_images` with client mistakes turned into 4xx responses."""
+        try:
+            return await self.caption_images(images, options)
+        except InvalidOptions as exc:
+            raise HTTPException(422, str(_cause(exc))) from None
+        except ImageError as exc:
+            raise HTTPException(400, str(exc)) from None
+        except LimitExceeded as exc:
+            raise HTTPException(413, str(exc)) from None
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/model")
+    async def model_info(self, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> ModelInfo:
+        self._authorize(credentials)
+        return await self.decoder.info.remote()
+
+    @api.post("/caption", response_model_exclude_none=True, openapi_extra=_SINGLE_BODY)
+    async def caption(
+        self,
+        request: Request,
+        options: CaptionOptions = Depends(caption_options),
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
+    ) -> CaptionResponse:
+        self._authorize(credentials)
+        limit = self.args.max_image_bytes
+        if not _is_multipart(request.headers):
+            return (await self._http_caption([await _read_body(request, limit)], options))[0]
+        files = await _multipart_files(await _read_body(request, limit + MULTIPART_OVERHEAD), request.headers)
+        if len(files) != 1:
+            raise HTTPException(400, f"expected one image file, got {len(files)}: use /caption/batch for several")
+        return (await self._http_caption(files, options))[0]
+
+    @api.post("/caption/batch", response_model_exclude_none=True, openapi_extra=_BATCH_BODY)
+    async def caption_batch(
+        self,
+        request: Request,
+        options: CaptionOptions = Depends(caption_options),
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
+    ) -> BatchResponse:
+        self._authorize(credentials)
+        if not _is_multipart(request.headers):
+            raise HTTPException(415, "send the images as files of a multipart/form-data body")
+        a = self.args
+        body = await _read_body(request, a.max_images_per_request * a.max_image_bytes + MULTIPART_OVERHEAD)
+        files = await _multipart_files(body, request.headers)
+        if not files:
+            raise HTTPException(400, "no image files in the multipart/form-data body")
+        return BatchResponse(results=await self._http_caption(files, options))
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """The application serve_config.yaml imports (`raycap.serve:app_builder`); `args` as in AppArgs."""
+    limits = AppArgs.model_validate(args)
+    return Captioner.bind(ImageEncoder.bind(limits.max_pixels), CaptionDecoder.bind(), limits)
+
+
+# --- config files ------------------------------------------------------------------------------
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`base` updated by `override`, dicts merged key by key; a None value removes the key."""
+    out = dict(base)
+    for key, value in override.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(
+    path: str | Path,
+    checkpoint: str | None = None,
+    port: int | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> ServeDeploySchema:
+    """A config file for this application, validated by Ray Serve's own schema, with overrides:
+    `checkpoint` for both Encoder and Decoder, the HTTP `port`, and `overrides` merged into the
+    application entry (`deployments` by name, e.g. {"deployments": {"Decoder": {"num_replicas": 1}}})."""
+    raw = yaml.safe_load(Path(path).read_text())
+    apps = raw.get("applications") or []
+    if len(apps) != 1:
+        raise ValueError(f"{path}: expected exactly one application, found {len(apps)}")
+    app = dict(apps[0])
+    extra = dict(overrides or {})
+    by_name = extra.pop("deployments", {})
+    if checkpoint is not None:
+        for name in ("Encoder", "Decoder"):
+            by_name = _merge(by_name, {name: {"user_config": {"checkpoint": checkpoint}}})
+    app = _merge(app, extra)
+    deployments = {d["name"]: d for d in app.get("deployments", [])}
+    for name, options in by_name.items():
+        deployments[name] = _merge(deployments.get(name, {"name": name}), options)
+    app["deployments"] = list(deployments.values())
+    if port is not None:
+        raw = _merge(raw, {"http_options": {"port": port}})
+    return ServeDeploySchema.model_validate({**raw, "applications": [app]})
+
+
+def deploy(config: ServeDeploySchema, timeout_s: float = 300.0) -> str:
+    """Apply `config` to the Ray this process is connected to, as `serve run serve_config.yaml` does,
+    wait until its application runs, and return its base URL."""
+    # Serve has no public Python call that applies a config file; this is the CLI's own path
+    # (ray/serve/scripts.py: serve_start, then deploy_apps).
+    from ray.serve._private.api import serve_start
+
+    client = serve_start(
+        http_options=config.http_options.model_dump(),
+        proxy_location=config.proxy_location,
+        grpc_options=config.grpc_options.model_dump(),
+    )
+    client.deploy_apps(config)
+    app = config.applications[0]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = serve.status().applications.get(app.name)
+        if status is not None and status.status == ApplicationStatus.RUNNING:
+            break
+        if status is not None and status.status in (ApplicationStatus.DEPLOY_FAILED, ApplicationStatus.UNHEALTHY):
+            raise RuntimeError(f"application {app.name!r} failed to deploy: {status.message}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"application {app.name!r} not running after {timeout_s:.0f} s: {status}")
+        time.sleep(0.5)
+    host = config.http_options.host
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return f"http://{host}:{config.http_options.port}{(app.route_prefix or '/').rstrip('/')}"
+
+
+def replica_counts(app_name: str = APP_NAME) -> dict[str, int]:
+    """Running replicas per deployment of an application (for watching autoscaling)."""
+    status = serve.status().applications.get(app_name)
+    if status is None:
+        return {}
+    return {name: d.replica_states.get("RUNNING", 0) for name, d in status.deployments.items()}
