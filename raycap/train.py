@@ -102,7 +102,7 @@ def build_dataset(cfg: TrainJobConfig, split: str) -> ray.data.Dataset:
     if not fstore.list_shards(directory, cfg.s3_endpoint):
         raise FileNotFoundError(f"no feature shards under {directory}: run jobs/extract_features.py first")
     fs, path = storage.filesystem(directory, cfg.s3_endpoint)
-    ds = ray.data.read_parquet(path, filesystem=fs, columns=["image_id", "features"])
+    ds = ray.data.read_parquet(path, filesystem=fs).select_columns(["image_id", "features"])
     ds = ds.map_batches(
         attach_captions, fn_args=(cfg.features, split, cfg.captions_per_image, cfg.s3_endpoint), batch_format="numpy"
     )
