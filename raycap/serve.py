@@ -23,8 +23,10 @@ Bad input gets a 4xx with a JSON `detail`: undecodable bytes 400, too large 413,
 environment (e.g. `runtime_env: {env_vars: {RAYCAP_API_TOKEN: ...}}` in serve_config.yaml); then
 every route but /healthz and the docs needs `Authorization: Bearer <token>`, else 401.
 
-Other Ray code calls the same deployments through handles, e.g.
-`serve.get_app_handle("raycap").caption_images.remote([jpeg_bytes], CaptionOptions())`.
+Other Ray code (the bulk job) calls the same deployments through handles: the ingress,
+`serve.get_app_handle("raycap").caption_images.remote([jpeg_bytes], CaptionOptions())`, or the two
+stages, `decoder.caption.remote(encoder.remote(jpeg_bytes), CaptionOptions())` with
+`encoder = serve.get_deployment_handle("Encoder", "raycap")` and the same for "Decoder".
 """
 
 import asyncio
@@ -37,7 +39,7 @@ import time
 from collections.abc import AsyncIterator, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import numpy as np
 import torch
@@ -252,7 +254,7 @@ class ImageEncoder:
         out: list[Encoded] = [None] * len(items)  # type: ignore[list-item]
         for encoder, rows in _groups([encoder for encoder, _ in items]).items():
             images = np.stack([items[i][1] for i in rows])  # (B, S, S, 3) uint8
-            features = await asyncio.to_thread(lambda: encoder.encode(images).cpu().numpy())  # (B, P, C)
+            features = encoder.encode(images).cpu().numpy()  # (B, P, C); inline: see CaptionDecoder.decode_batch
             for row, i in enumerate(rows):
                 out[i] = Encoded(features[row], encoder.cfg)
         return out
@@ -278,7 +280,9 @@ def _response(loaded: LoadedModel, captions: list[Caption], options: CaptionOpti
     ]
     best = beams[0]
     many = beams if options.num_captions > 1 else None
-    return CaptionResponse(caption=best.caption, score=best.score, model=loaded.name, beams=many, attention=best.attention)
+    return CaptionResponse(
+        caption=best.caption, score=best.score, model=loaded.name, beams=many, attention=best.attention
+    )
 
 
 @serve.deployment(name="Decoder", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.3})
@@ -289,7 +293,7 @@ class CaptionDecoder:
     def __init__(self) -> None:
         self.current: LoadedModel | None = None
         self.previous: LoadedModel | None = None
-        self.max_len = DecoderSettings.model_fields["max_len"].default
+        self.max_len = 0  # set with the checkpoint, by reconfigure
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         settings = DecoderSettings.model_validate(user_config)
@@ -349,8 +353,11 @@ class CaptionDecoder:
             loaded = models[which]
             features = torch.from_numpy(np.stack([items[i][0].features for i in rows])).to(_device())  # (B, P, C)
             vocab = loaded.model.vocab
-            captions = await asyncio.to_thread(
-                beam_search, loaded.model.decoder, features, vocab.start_id, vocab.end_id,
+            # Inline on the replica's event loop, as in Serve's batching examples: in a worker thread,
+            # beam search's many small ops hold the GIL so often that the loop hardly enqueues the
+            # requests arriving meanwhile, and batches stay at 1-3 instead of filling up.
+            captions = beam_search(
+                loaded.model.decoder, features, vocab.start_id, vocab.end_id,
                 beam_size=options.beam_size, max_len=max_len, num_captions=options.num_captions,
             )  # fmt: skip
             for row, i in enumerate(rows):
@@ -390,11 +397,15 @@ _BATCH_BODY = {
 
 
 def caption_options(
-    beam_size: int = Query(3, ge=1, description="beams kept per step (at most the app's max_beam_size)"),
-    num_captions: int = Query(1, ge=1, description="captions to return, best first; at most beam_size"),
-    attention: bool = Query(False, description="return attention maps, (words, grid, grid) per caption"),
+    beam_size: Annotated[int, Query(ge=1, description="beams kept per step (at most the app's max_beam_size)")] = 3,
+    num_captions: Annotated[int, Query(ge=1, description="captions to return, best first; at most beam_size")] = 1,
+    attention: Annotated[bool, Query(description="return attention maps, (words, grid, grid) per caption")] = False,
 ) -> CaptionOptions:
     return CaptionOptions(beam_size, num_captions, attention)
+
+
+Options = Annotated[CaptionOptions, Depends(caption_options)]
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
 
 def _cause(exc: BaseException) -> BaseException:
@@ -466,11 +477,12 @@ class Captioner:
         self, images: Sequence[bytes], options: CaptionOptions = CaptionOptions()
     ) -> list[CaptionResponse]:
         """Caption images (encoded bytes, any PIL format). Raises InvalidOptions, LimitExceeded, or
-        ImageError for an unusable image (its message names which)."""
+        ImageError for an unusable image (its message names which, when there are several)."""
         self._check(images, options)
-        return list(await asyncio.gather(*(self._caption_one(i, image, options) for i, image in enumerate(images))))
+        labels = [f"image {i + 1}: " if len(images) > 1 else "" for i in range(len(images))]
+        return list(await asyncio.gather(*(self._caption_one(x, options, label) for x, label in zip(images, labels))))
 
-    async def _caption_one(self, index: int, image: bytes, options: CaptionOptions) -> CaptionResponse:
+    async def _caption_one(self, image: bytes, options: CaptionOptions, label: str) -> CaptionResponse:
         deadline = time.monotonic() + SWAP_WAIT_S
         while True:
             try:
@@ -478,7 +490,7 @@ class Captioner:
             except (ImageError, ModelMismatch) as exc:
                 cause = _cause(exc)
                 if isinstance(cause, ImageError):
-                    raise ImageError(f"image {index + 1}: {cause}") from None
+                    raise ImageError(f"{label}{cause}") from None
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"Encoder and Decoder still disagree after {SWAP_WAIT_S} s: {cause}") from None
             await asyncio.sleep(0.2)  # a checkpoint swap is half done: encode again
@@ -508,7 +520,7 @@ class Captioner:
         return {"status": "ok"}
 
     @api.get("/model")
-    async def model_info(self, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> ModelInfo:
+    async def model_info(self, credentials: Credentials) -> ModelInfo:
         self._authorize(credentials)
         return await self.decoder.info.remote()
 
@@ -516,8 +528,8 @@ class Captioner:
     async def caption(
         self,
         request: Request,
-        options: CaptionOptions = Depends(caption_options),
-        credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
+        options: Options,
+        credentials: Credentials,
     ) -> CaptionResponse:
         self._authorize(credentials)
         limit = self.args.max_image_bytes
@@ -532,8 +544,8 @@ class Captioner:
     async def caption_batch(
         self,
         request: Request,
-        options: CaptionOptions = Depends(caption_options),
-        credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
+        options: Options,
+        credentials: Credentials,
     ) -> BatchResponse:
         self._authorize(credentials)
         if not _is_multipart(request.headers):

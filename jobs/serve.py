@@ -1,0 +1,47 @@
+"""Serve a checkpoint over HTTP with the repo's serve_config.yaml, until Ctrl-C.
+
+    python jobs/serve.py --checkpoint ~/raycap_runs/raycap-attention/checkpoint_000012
+    python jobs/serve.py --checkpoint s3://bucket/models/attention --port 8080 --address auto
+
+The same as `serve run serve_config.yaml` with the checkpoint (and port) replaced, without editing
+the file. Set RAYCAP_API_TOKEN in the environment before starting Ray to require a bearer token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import ray
+from ray import serve
+
+from raycap.serve import deploy, load_config
+
+CONFIG = Path(__file__).resolve().parents[1] / "serve_config.yaml"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="raycap checkpoint folder or s3:// prefix")
+    p.add_argument("--config", default=str(CONFIG), help="Serve config file (ServeDeploySchema)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's)")
+    p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
+    config = load_config(a.config, checkpoint=a.checkpoint, port=a.port)
+    ray.init(address=a.address)
+    url = deploy(config)
+    print(f"[raycap] serving {a.checkpoint} at {url}/caption (API docs: {url}/docs); Ctrl-C stops", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+
+
+if __name__ == "__main__":
+    main()
