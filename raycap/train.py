@@ -118,11 +118,11 @@ def _gather(predictions: dict[int, str]) -> dict[int, str]:
     return {k: v for part in parts if part for k, v in part.items()}
 
 
-def _weighted_mean(value: float, weight: int) -> float:
-    """Mean of `value` over workers weighted by `weight`."""
+def _weighted_mean(value: float, weight: int, device: torch.device) -> float:
+    """Mean of `value` over workers weighted by `weight` (on `device`: NCCL reduces GPU tensors only)."""
     if not dist.is_available() or not dist.is_initialized():
         return value
-    both = torch.tensor([value * weight, float(weight)], dtype=torch.float64)
+    both = torch.tensor([value * weight, float(weight)], dtype=torch.float64, device=device)
     dist.all_reduce(both)
     return float(both[0] / both[1].clamp(min=1))
 
@@ -172,8 +172,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             for b in val_shard.iter_torch_batches(batch_size=tcfg.eval_batch_size)
         )
         val_ce, predictions = validate(model, val_batches, vocab, tcfg)
+        metrics["val_ce"] = _weighted_mean(val_ce, len(predictions), device)
         predictions = _gather(predictions)
-        metrics["val_ce"] = _weighted_mean(val_ce, len(predictions))
         metrics.update(score_captions(references, predictions))
         metrics["best"] = plateau.update(metrics["bleu4"])
         if plateau.should_decay:
