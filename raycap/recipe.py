@@ -1,4 +1,4 @@
-"""The training recipe in plain PyTorch: one epoch, validation, captioning and scoring.
+"""The training recipe in plain PyTorch: one epoch, validation and captioning.
 
 Ray Train (`raycap.train`) runs these functions inside its workers; they know nothing of Ray, so
 they are tested and reused directly (evaluation, the demo).
@@ -7,7 +7,7 @@ they are tested and reused directly (evaluation, the demo).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from raycap.data.vocab import Vocab
-from raycap.metrics import score_captions
 from raycap.models.beam import Caption, beam_search
 from raycap.models.decoders import caption_loss, trim_padding
 
@@ -124,20 +123,6 @@ def caption_features(
             beam_search(decoder, chunk, vocab.start_id, vocab.end_id, beam_size, max_len, num_captions=num_captions)
         )
     return out
-
-
-def evaluate(
-    model: nn.Module,
-    image_ids: Sequence[int],
-    features: np.ndarray | torch.Tensor,
-    references: Mapping[int, Sequence[str]],
-    vocab: Vocab,
-    cfg: TrainConfig,
-) -> tuple[dict[str, float], dict[int, str]]:
-    """Caption every image by beam search and score against all its references: (metrics, predictions)."""
-    captions = caption_features(model, features, vocab, cfg.beam_size, cfg.max_decode_len, cfg.eval_batch_size)
-    predictions = {int(i): vocab.decode(c[0].tokens) for i, c in zip(image_ids, captions)}
-    return score_captions(references, predictions), predictions
 
 
 class Plateau:
