@@ -23,10 +23,11 @@ Bad input gets a 4xx with a JSON `detail`: undecodable bytes 400, too large 413,
 environment (e.g. `runtime_env: {env_vars: {RAYCAP_API_TOKEN: ...}}` in serve_config.yaml); then
 every route but /healthz and the docs needs `Authorization: Bearer <token>`, else 401.
 
-Other Ray code (the bulk job) calls the same deployments through handles: the ingress,
+Other Ray code calls the same deployments through handles: the ingress,
 `serve.get_app_handle("raycap").caption_images.remote([jpeg_bytes], CaptionOptions())`, or the two
 stages, `decoder.caption.remote(encoder.remote(jpeg_bytes), CaptionOptions())` with
-`encoder = serve.get_deployment_handle("Encoder", "raycap")` and the same for "Decoder".
+`encoder = serve.get_deployment_handle("Encoder", "raycap")` and the same for "Decoder". The bulk job
+(`raycap.bulk`) decodes on its own CPU workers and sends pixels: `encoder.encode_pixels.remote(array)`.
 """
 
 import asyncio
@@ -241,13 +242,25 @@ class ImageEncoder:
         self.encode_batch.set_max_batch_size(settings.max_batch_size)
         self.encode_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
 
-    async def __call__(self, image: bytes) -> Encoded:
-        """Raises ImageError (the reason in its message) for bytes that are not a usable image."""
+    def _loaded(self) -> Encoder:
         if self.encoder is None:
             raise RuntimeError("Encoder has no checkpoint: set user_config.checkpoint (see serve_config.yaml)")
-        encoder = self.encoder
+        return self.encoder
+
+    async def __call__(self, image: bytes) -> Encoded:
+        """Raises ImageError (the reason in its message) for bytes that are not a usable image."""
+        encoder = self._loaded()
         array, _ = await asyncio.to_thread(encoder.preprocess, image, self.max_pixels)  # (S, S, 3) uint8
         return await self.encode_batch((encoder, array))
+
+    async def encode_pixels(self, image: np.ndarray) -> Encoded:
+        """An image already decoded and resized by `load_image` (the bulk job does that on CPU
+        workers): (S, S, 3) uint8 -> features. Raises ModelMismatch for another image size."""
+        encoder = self._loaded()
+        size = encoder.cfg.image_size
+        if image.shape != (size, size, 3) or image.dtype != np.uint8:
+            raise ModelMismatch(f"expected a ({size}, {size}, 3) uint8 image, got {image.shape} {image.dtype}")
+        return await self.encode_batch((encoder, image))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def encode_batch(self, items: list[tuple[Encoder, np.ndarray]]) -> list[Encoded]:
