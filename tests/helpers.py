@@ -1,0 +1,73 @@
+"""Small builders shared by test modules: images, hostile files, random-weight checkpoints, ports.
+
+Importable as `helpers` from any test module (tests/conftest.py's folder is on sys.path).
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+
+from raycap.data.vocab import Vocab
+from raycap.models.checkpoint import CaptionModel, save_checkpoint
+from raycap.models.decoders import DecoderConfig, build_decoder
+from raycap.models.encoder import EncoderConfig
+
+WORDS = ["a", "an", "the", "red", "green", "blue", "dog", "cat", "man", "woman", "on", "in", "with", "sitting",
+         "standing", "near", "grass", "table", "ball"]  # fmt: skip
+
+
+def image(seed: int, size: tuple[int, int] = (80, 60), fmt: str = "JPEG") -> bytes:
+    """A coloured rectangle on a coloured background: images that differ in what a CNN sees."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    pixels = np.zeros((height, width, 3), np.uint8) + rng.integers(0, 256, 3, dtype=np.uint8)  # (H, W, 3)
+    x, y = rng.integers(0, width // 2), rng.integers(0, height // 2)
+    pixels[y : y + height // 2, x : x + width // 2] = rng.integers(0, 256, 3, dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A tiny PNG that declares width x height, like a decompression bomb's header."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def make_checkpoint(root: Path, name: str, grid: int, seed: int) -> Path:
+    """A random-weight attention captioner on a seeded resnet18 whose weights are saved to a file,
+    so every process builds the same encoder."""
+    torch.manual_seed(seed)
+    weights = root / f"{name}-resnet18.pt"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    encoder_cfg = EncoderConfig("resnet18", str(weights), grid=grid, image_size=64)
+    decoder_cfg = DecoderConfig("attention", embed_dim=32, decoder_dim=32, attention_dim=32, dropout=0.0)
+    vocab = Vocab(WORDS)
+    decoder = build_decoder(decoder_cfg, len(vocab), encoder_cfg.feature_dim)
+    # Random weights barely look at the image and spread words evenly: amplify the image's paths
+    # and the output layer, so captions differ per image and beams are far from ties.
+    for weight, gain in ((decoder.init_h.weight, 20), (decoder.init_c.weight, 20), (decoder.f_beta.weight, 3),
+                         (decoder.lstm.weight_ih, 3), (decoder.fc.weight, 10)):  # fmt: skip
+        weight.data.mul_(gain)
+    decoder.fc.bias.data[vocab.end_id] = -4.0  # fewer empty captions
+    return save_checkpoint(root / name, CaptionModel(decoder, vocab, encoder_cfg, decoder_cfg))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,265 @@
+"""Bulk captioning: a bucket on the real S3 server, the repo's serve_config.yaml deployed on the
+session's Ray, captions compared with the model called directly; resume after a limit and after the
+job's process is killed, without a duplicate or a missing row."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import ray
+from helpers import free_port, image, make_checkpoint, png_header
+from ray import serve
+
+from raycap import storage
+from raycap.bulk import (
+    RESULT_SCHEMA,
+    BulkConfig,
+    ShardWriter,
+    caption_bucket,
+    read_batch,
+    read_results,
+    select,
+    shard_uris,
+)
+from raycap.models.beam import beam_search
+from raycap.models.checkpoint import load_checkpoint
+from raycap.models.encoder import Encoder
+from raycap.serve import deploy, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "serve_config.yaml"
+MAX_LEN = 8
+GOOD = 14
+BAD = {  # name -> what its error row must say
+    "bad/notes.txt": "not an image",
+    "bad/empty.jpg": "empty file",
+    "bad/truncated.jpg": "corrupt image",
+    "bad/bomb.png": "image too large",
+    "big/huge.jpg": "exceeds the limit",
+}
+MAX_IMAGE_BYTES = 20_000
+PINNED = {"num_replicas": 1, "autoscaling_config": None}
+
+
+def _bad_files() -> dict[str, bytes]:
+    return {
+        "bad/notes.txt": b"captions go here\n",
+        "bad/empty.jpg": b"",
+        "bad/truncated.jpg": image(99)[:300],
+        "bad/bomb.png": png_header(100_000, 100_000),
+        "big/huge.jpg": image(98, size=(64, 48), fmt="BMP") + b"\0" * MAX_IMAGE_BYTES,
+    }
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server) -> tuple[str, dict[str, bytes]]:
+    """s3://bucket/photos with GOOD images in two folders and the BAD files; returns (prefix, files)."""
+    files = {f"{'a' if i % 2 else 'b'}/img{i:03d}.jpg": image(i) for i in range(GOOD)} | _bad_files()
+    name = s3_server.make_bucket()
+    client = s3_server.client()
+    for key, data in files.items():
+        client.put_object(Bucket=name, Key=f"photos/{key}", Body=data)
+    return f"s3://{name}/photos", files
+
+
+@pytest.fixture(scope="module")
+def app(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The application deployed from serve_config.yaml with a random-weight checkpoint; yields it."""
+    checkpoint = str(make_checkpoint(tmp_path_factory.mktemp("bulk_ckpt"), "bulk-model", grid=3, seed=4))
+    overrides = {
+        "deployments": {
+            "Encoder": PINNED,
+            "Decoder": {**PINNED, "user_config": {"max_len": MAX_LEN}},
+        },
+        "logging_config": {"enable_access_log": False},
+    }
+    deploy(load_config(CONFIG, checkpoint=checkpoint, port=free_port(), overrides=overrides))
+    try:
+        yield checkpoint
+    finally:
+        serve.shutdown()
+
+
+def _direct_captions(checkpoint: str, files: dict[str, bytes], prefix: str) -> dict[str, str]:
+    """key -> caption from the checkpoint called in this process: encoder then beam search."""
+    model = load_checkpoint(checkpoint)
+    encoder = Encoder(model.encoder_cfg)
+    vocab = model.vocab
+    out = {}
+    for name, data in files.items():
+        if name in BAD:
+            continue
+        pixels, _ = encoder.preprocess(data)
+        best = beam_search(model.decoder, encoder.encode(pixels[None].copy()), vocab.start_id, vocab.end_id,
+                           beam_size=3, max_len=MAX_LEN)[0][0]  # fmt: skip
+        out[f"{prefix}/{name}"] = vocab.decode(best.tokens)
+    return out
+
+
+def _config(source: str, out: str, **kwargs) -> BulkConfig:
+    return BulkConfig(source=source, out=out, max_image_bytes=MAX_IMAGE_BYTES, clients=1, in_flight=8,
+                      read_batch_size=4, rows_per_shard=6, **kwargs)  # fmt: skip
+
+
+def _assert_exactly_once(results: pa.Table, files: dict[str, bytes], prefix: str) -> None:
+    keys = results.column("key").to_pylist()
+    assert len(keys) == len(set(keys)), "a key has more than one row"
+    assert set(keys) == {f"{prefix}/{name}" for name in files}
+
+
+# --- no Ray --------------------------------------------------------------------------------------
+
+
+def test_select_includes_then_excludes_with_globs_across_folders() -> None:
+    keys = ["a/x.jpg", "a/y.png", "b/z.jpg", "notes.txt"]
+    assert select(keys, (), ()) == [True] * 4
+    assert select(keys, ("*.jpg",), ()) == [True, False, True, False]
+    assert select(keys, ("*.jpg", "*.png"), ("b/*",)) == [True, True, False, False]
+
+
+def test_config_rejects_unknown_format_and_empty_sizes() -> None:
+    with pytest.raises(ValueError, match="format"):
+        BulkConfig(source="s", out="o", format="csv")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=">= 1"):
+        BulkConfig(source="s", out="o", in_flight=0)
+
+
+def test_read_batch_gives_each_bad_file_its_reason_and_decodes_the_rest(tmp_path: Path) -> None:
+    files = {"good.jpg": image(1), **_bad_files()}
+    keys, sizes = [], []
+    for name, data in files.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        keys.append(str(path))
+        sizes.append(len(data))
+    keys.append(str(tmp_path / "gone.jpg"))  # listed, then deleted before the read
+    sizes.append(10)
+    batch = {"key": np.array(keys, dtype=object), "size": np.array(sizes)}
+    out = read_batch(batch, image_size=32, max_image_bytes=MAX_IMAGE_BYTES, max_pixels=10**7, retries=1, endpoint=None)
+    assert out["image"].shape == (len(keys), 32, 32, 3) and out["error"][0] == ""
+    assert out["image"][0].any()
+    for (name, reason), error in zip(BAD.items(), out["error"][1:-1]):
+        assert reason in error, (name, error)
+    assert "could not read" in out["error"][-1]
+
+
+def test_shard_writer_commits_whole_shards_and_never_writes_a_key_twice(tmp_path: Path) -> None:
+    cfg = BulkConfig(source="unused", out=str(tmp_path), rows_per_shard=3, format="jsonl")
+    writer = ShardWriter(cfg)
+
+    def rows(keys: list[str]) -> pa.Table:
+        n = len(keys)
+        return pa.table({"key": keys, "caption": ["c"] * n, "score": [-1.0] * n, "model": ["m"] * n,
+                         "status": ["ok"] * n, "error": [None] * n}, schema=RESULT_SCHEMA)  # fmt: skip
+
+    writer.add(rows(["k1", "k2"]))
+    assert shard_uris(str(tmp_path)) == []  # under rows_per_shard: nothing visible yet
+    writer.add(rows(["k2", "k3", "k4"]))  # k2 again, as from a retried upstream task
+    assert len(shard_uris(str(tmp_path))) == 1
+    writer.add(rows(["k5"]))
+    writer.commit()
+    assert len(shard_uris(str(tmp_path))) == 2
+    assert sorted(read_results(str(tmp_path)).column("key").to_pylist()) == ["k1", "k2", "k3", "k4", "k5"]
+    assert (writer.ok, writer.failed) == (5, 0)
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+
+
+# --- Ray, Serve and S3 ---------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_every_good_key_gets_the_direct_caption_and_every_bad_key_an_error_row(
+    app: str, bucket: tuple[str, dict[str, bytes]], s3_server
+) -> None:
+    prefix, files = bucket
+    out = f"s3://{s3_server.make_bucket()}/captions"
+    summary = caption_bucket(_config(prefix, out, checkpoint=app))
+    results = read_results(out)
+    _assert_exactly_once(results, files, prefix)
+    rows = {r["key"]: r for r in results.to_pylist()}
+    expected = _direct_captions(app, files, prefix)
+    for key, caption in expected.items():
+        assert rows[key]["status"] == "ok" and rows[key]["error"] is None
+        assert rows[key]["caption"] == caption and rows[key]["model"] == "bulk-model"
+        assert rows[key]["score"] < 0
+    for name, reason in BAD.items():
+        row = rows[f"{prefix}/{name}"]
+        assert row["status"] == "error" and reason in row["error"] and row["caption"] is None
+    assert (summary.new_ok, summary.new_failed, summary.total_ok, summary.pending) == (GOOD, len(BAD), GOOD, 0)
+    assert summary.checkpoint == app and summary.duplicates == 0
+    written = json.loads(storage.read_bytes(f"{out}/summary.json"))
+    assert written["total_failed"] == len(BAD) and written["images_per_s"] > 0
+
+
+@pytest.mark.integration
+def test_limit_then_rerun_gives_exactly_one_row_per_key_in_jsonl(
+    app: str, bucket: tuple[str, dict[str, bytes]], tmp_path: Path
+) -> None:
+    prefix, files = bucket
+    out = str(tmp_path / "captions")
+    first = caption_bucket(_config(prefix, out, limit=7, format="jsonl"))
+    assert first.new_ok + first.new_failed == 7 and first.pending == len(files) - 7
+    dry = caption_bucket(_config(prefix, out, dry_run=True))
+    assert (dry.already_done, dry.todo) == (7, len(files) - 7)
+    second = caption_bucket(_config(prefix, out, format="jsonl"))
+    assert second.already_done == 7 and second.new_ok + second.new_failed == len(files) - 7
+    _assert_exactly_once(read_results(out), files, prefix)
+    assert all(uri.endswith(".jsonl") for uri in shard_uris(out))
+    third = caption_bucket(_config(prefix, out))
+    assert third.todo == 0 and third.shards == []
+
+
+@pytest.mark.integration
+def test_filters_and_dry_run_count_without_writing(bucket: tuple[str, dict[str, bytes]], tmp_path: Path) -> None:
+    prefix, files = bucket
+    out = tmp_path / "dry"
+    summary = caption_bucket(_config(prefix, str(out), include=("a/*", "bad/*"), exclude=("*.txt",), dry_run=True))
+    expected = sum(1 for n in files if n.startswith(("a/", "bad/")) and not n.endswith(".txt"))
+    assert (summary.listed, summary.matched, summary.todo) == (len(files), expected, expected)
+    assert not out.exists()
+
+
+@pytest.mark.integration
+def test_running_app_with_another_checkpoint_is_refused(app: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="already serves"):
+        caption_bucket(_config(str(tmp_path), str(tmp_path / "o"), checkpoint=str(tmp_path / "other")))
+
+
+def _result_keys(out: Path) -> list[str]:
+    return read_results(str(out)).column("key").to_pylist() if out.exists() else []
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_job_killed_midway_then_rerun_captions_each_file_exactly_once(app: str, tmp_path: Path) -> None:
+    source, out = tmp_path / "photos", tmp_path / "captions"
+    files = {f"p{i:03d}.jpg": image(100 + i) for i in range(48)}
+    for name, data in files.items():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_bytes(data)
+    command = [sys.executable, str(REPO / "jobs/caption_bucket.py"), "--source", str(source), "--out", str(out),
+               "--clients", "1", "--in-flight", "2", "--read-batch-size", "2", "--rows-per-shard", "2"]  # fmt: skip
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while len(_result_keys(out)) < 4 and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(job.pid, signal.SIGKILL)
+    output = job.communicate()[0].decode(errors="replace")
+    partial = _result_keys(out)
+    assert 4 <= len(partial) < len(files), output[-3000:]
+    summary = caption_bucket(replace(_config(str(source), str(out)), rows_per_shard=100))
+    assert summary.already_done == len(set(partial)) and summary.pending == 0
+    _assert_exactly_once(read_results(str(out)), files, str(source))
