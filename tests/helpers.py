@@ -21,6 +21,10 @@ from raycap.models.checkpoint import CaptionModel, save_checkpoint
 from raycap.models.decoders import DecoderConfig, build_decoder
 from raycap.models.encoder import EncoderConfig
 
+REPO = Path(__file__).resolve().parents[1]
+SERVE_CONFIG = REPO / "serve_config.yaml"
+PINNED = {"num_replicas": 1, "autoscaling_config": None}
+
 WORDS = ["a", "an", "the", "red", "green", "blue", "dog", "cat", "man", "woman", "on", "in", "with", "sitting",
          "standing", "near", "grass", "table", "ball"]  # fmt: skip
 
@@ -71,3 +75,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def deploy_pinned(checkpoint: str, max_len: int) -> str:
+    """The repo's serve_config.yaml on the session's Ray with one Encoder and one Decoder replica,
+    captions of at most `max_len` words and a free port; returns the base URL."""
+    from raycap.serve import deploy, load_config
+
+    overrides = {
+        "deployments": {"Encoder": PINNED, "Decoder": {**PINNED, "user_config": {"max_len": max_len}}},
+        "logging_config": {"enable_access_log": False},
+    }
+    return deploy(load_config(SERVE_CONFIG, checkpoint=checkpoint, port=free_port(), overrides=overrides))
