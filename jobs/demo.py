@@ -1,24 +1,35 @@
-"""The end-to-end demo on a synthetic COCO-format set (no GPU, no network): `make demo`."""
+"""The end-to-end demo on a synthetic COCO-format set (no GPU, no network): `make demo`.
+
+--config FILE.yaml reads the file's `demo:` section (keys: raycap.demo.DemoConfig's fields, e.g.
+`encoder:` or `decoder_dim:`); flags override it.
+"""
 
 from __future__ import annotations
 
-import argparse
+from collections.abc import Sequence
 
+from raycap.config import JobParser, print_config, run_job
 from raycap.demo import DemoConfig, run_demo
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
+    """Flags (dest: the DemoConfig field) over the `demo:` section of --config."""
     d = DemoConfig()
-    p = argparse.ArgumentParser(description=__doc__)
+    p = JobParser(__doc__, "demo")
     p.add_argument("--out", default=d.out, help="output folder")
-    p.add_argument("--train", type=int, default=d.n_train, help="synthetic training images")
-    p.add_argument("--val", type=int, default=d.n_val, help="synthetic validation images")
+    p.add_argument("--train", dest="n_train", metavar="N", type=int, default=d.n_train, help="synthetic training images")
+    p.add_argument("--val", dest="n_val", metavar="N", type=int, default=d.n_val, help="synthetic validation images")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--num-workers", type=int, default=d.num_workers, help="Ray Train workers")
     p.add_argument("--seed", type=int, default=d.seed)
-    a = p.parse_args(argv)
-    run_demo(DemoConfig(out=a.out, n_train=a.train, n_val=a.val, epochs=a.epochs, num_workers=a.num_workers, seed=a.seed))
+    return p.parse_config(DemoConfig, argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cfg = parse_args(argv)
+    print_config("demo", cfg)
+    run_demo(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main)

@@ -4,17 +4,20 @@ r"""Extract encoder features to Parquet with Ray Data; reruns resume where the l
     python jobs/extract_features.py --images s3://bucket/photos --out s3://bucket/features
     python jobs/extract_features.py --coco-root data/synthetic --out /tmp/f \
         --arch efficientnet_lite0 --image-size 224 --grid 7
+    python jobs/extract_features.py --config configs/coco.yaml --limit 1000
 
-Uses the Ray cluster at RAY_ADDRESS, else starts a local one. S3 credentials come from the standard
-AWS chain; --s3-endpoint (or AWS_ENDPOINT_URL) selects an S3-compatible server.
+--config reads the file's `extract:` section (keys: raycap.features.ExtractConfig's fields);
+flags given on the command line override it. Uses the Ray cluster at RAY_ADDRESS, else starts a
+local one. S3 credentials come from the standard AWS chain; --s3-endpoint (or AWS_ENDPOINT_URL)
+selects an S3-compatible server.
 """
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from dataclasses import fields
 
+from raycap.config import JobParser, print_config, run_job
 from raycap.data.coco import SPLITS
 from raycap.feature_store import DTYPES
 from raycap.features import ExtractConfig, extract_features
@@ -22,9 +25,10 @@ from raycap.models.encoder import FEATURE_DIMS, WEIGHTS_HELP, EncoderConfig
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ExtractConfig:
+    """Flags (dest: the ExtractConfig field) over the `extract:` section of --config."""
     d = {f.name: f.default for f in fields(ExtractConfig)}
     e = EncoderConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = JobParser(__doc__, "extract")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--coco-root", help="COCO layout: annotations/captions_{split}{year}.json and {split}{year}/")
     source.add_argument("--images", help="a folder or s3:// prefix of images without annotations (ids hash the key)")
@@ -33,13 +37,16 @@ def parse_args(argv: Sequence[str] | None = None) -> ExtractConfig:
     p.add_argument("--splits", nargs="+", default=list(d["splits"]), choices=SPLITS)
     p.add_argument("--year", type=int, default=d["year"])
     p.add_argument("--images-split", default=d["images_split"], help="split name for --images")
-    p.add_argument("--arch", default=e.arch, choices=sorted(FEATURE_DIMS))
-    p.add_argument("--weights", default=e.weights, help=WEIGHTS_HELP)
-    p.add_argument("--grid", type=int, default=e.grid, help="features are pooled to grid x grid positions")
-    p.add_argument("--image-size", type=int, default=e.image_size)
+    p.add_argument("--arch", dest="encoder.arch", default=e.arch, choices=sorted(FEATURE_DIMS))
+    p.add_argument("--weights", dest="encoder.weights", default=e.weights, help=WEIGHTS_HELP)
+    p.add_argument("--grid", dest="encoder.grid", type=int, default=e.grid, help="features are pooled to grid x grid positions")
+    p.add_argument("--image-size", dest="encoder.image_size", type=int, default=e.image_size)
     p.add_argument("--dtype", default=d["dtype"], choices=sorted(DTYPES))
     p.add_argument("--batch-size", type=int, default=d["batch_size"], help="images per encoder call")
-    p.add_argument("--encoders", type=int, default=d["num_encoders"], help="encoder actors (default: one per GPU, else 1)")
+    p.add_argument(
+        "--encoders", dest="num_encoders", metavar="N", type=int, default=d["num_encoders"],
+        help="encoder actors (default: one per GPU, else 1)",
+    )
     p.add_argument("--encoder-cpus", type=float, default=d["encoder_cpus"], help="CPU slots per encoder actor without GPUs")
     p.add_argument("--torch-threads", type=int, default=d["torch_threads"], help="intra-op threads per CPU encoder")
     p.add_argument("--decode-batch-size", type=int, default=d["decode_batch_size"], help="images per decode task")
@@ -51,33 +58,13 @@ def parse_args(argv: Sequence[str] | None = None) -> ExtractConfig:
     p.add_argument("--min-freq", type=int, default=d["min_freq"], help="vocabulary: minimum word count in train captions")
     p.add_argument("--max-len", type=int, default=d["max_len"], help="vocabulary: words kept per caption")
     p.add_argument("--s3-endpoint", default=d["s3_endpoint"], help="S3-compatible endpoint URL (default AWS_ENDPOINT_URL)")
-    a = p.parse_args(argv)
-    return ExtractConfig(
-        out=a.out,
-        coco_root=a.coco_root,
-        karpathy_file=a.karpathy_file,
-        images=a.images,
-        splits=tuple(a.splits),
-        year=a.year,
-        images_split=a.images_split,
-        encoder=EncoderConfig(a.arch, a.weights, a.grid, a.image_size),
-        dtype=a.dtype,
-        batch_size=a.batch_size,
-        num_encoders=a.encoders,
-        encoder_cpus=a.encoder_cpus,
-        torch_threads=a.torch_threads,
-        decode_batch_size=a.decode_batch_size,
-        decode_cpus=a.decode_cpus,
-        rows_per_shard=a.rows_per_shard,
-        limit=a.limit,
-        min_freq=a.min_freq,
-        max_len=a.max_len,
-        s3_endpoint=a.s3_endpoint,
-    )
+    return p.parse_config(ExtractConfig, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    result = extract_features(parse_args(argv))
+    cfg = parse_args(argv)
+    print_config("extract", cfg)
+    result = extract_features(cfg)
     print(f"features, captions and errors under {result.out} ({result.seconds:.1f} s)")
     for split, s in result.splits.items():
         print(
@@ -91,4 +78,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main)

@@ -146,6 +146,8 @@ def select(relative_keys: Sequence[str], include: Sequence[str], exclude: Sequen
 def list_sources(cfg: BulkConfig) -> tuple[int, list[storage.FileInfo]]:
     """(files listed, files that pass the filters). Files under `out` are left out when `out` lies
     inside `source`, so results are never captioned."""
+    if not storage.exists(cfg.source, cfg.s3_endpoint):
+        raise FileNotFoundError(f"source {cfg.source} does not exist (or holds no file yet)")
     files = storage.list_files(cfg.source, None, cfg.s3_endpoint)
     out = storage.filesystem(cfg.out, cfg.s3_endpoint)[1].rstrip("/") + "/"
     inside = [f for f in files if not storage.filesystem(f.uri, cfg.s3_endpoint)[1].startswith(out)]
