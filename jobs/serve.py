@@ -4,7 +4,8 @@
     python jobs/serve.py --checkpoint s3://bucket/models/attention --port 8080 --address auto
 
 The same as `serve run serve_config.yaml` with the checkpoint (and port) replaced, without editing
-the file. Set RAYCAP_API_TOKEN in the environment before starting Ray to require a bearer token.
+the file. To require a bearer token, set RAYCAP_API_TOKEN, or RAYCAP_API_TOKEN_FILE (a file holding
+it), in the environment before starting Ray.
 """
 
 from __future__ import annotations

@@ -19,9 +19,30 @@ HTTP (the ingress, `Captioner`):
     GET  /healthz          liveness, never authenticated
 
 Bad input gets a 4xx with a JSON `detail`: undecodable bytes 400, too large 413, too many images
-413, bad options 422. Authentication is off unless RAYCAP_API_TOKEN is set in the replicas'
-environment (e.g. `runtime_env: {env_vars: {RAYCAP_API_TOKEN: ...}}` in serve_config.yaml); then
-every route but /healthz and the docs needs `Authorization: Bearer <token>`, else 401.
+413, bad options 422. An oversized body is refused from its declared Content-Length before it is
+sent, or as soon as a chunked one passes the limit; Serve's HTTP proxy reads request bodies ahead
+without a limit of its own, so a fast chunked sender may still push a few tens of MB into it before
+the 413 (put a proxy with a body limit, e.g. nginx `client_max_body_size`, in front if that matters).
+
+Authentication is off unless the replicas find a token: RAYCAP_API_TOKEN_FILE naming a file that
+holds it (e.g. `runtime_env: {env_vars: {RAYCAP_API_TOKEN_FILE: /etc/raycap/token}}` in
+serve_config.yaml), or RAYCAP_API_TOKEN in the environment Ray was started in. Not RAYCAP_API_TOKEN
+in a runtime_env: Ray logs runtime_env env vars verbatim (runtime_env_agent.log) and `serve config`
+shows them. Then every path but /healthz, the API docs (/docs, /redoc, /openapi.json) included, needs
+`Authorization: Bearer <token>` (the scheme in any case), else 401, checked before routing. To read
+the docs then, fetch the schema with the header (`curl -H "Authorization: Bearer $TOKEN"
+http://HOST:8000/openapi.json`) and open it in any OpenAPI viewer, or let a browser extension add the
+header. Serve's own proxy paths (/-/healthz, /-/routes) are outside the application and stay open.
+
+The ingress (HTTP and `caption_images` alike) sends an image again when its Encoder or Decoder
+replica dies mid-request (captioning is idempotent; Serve routes the retry to a live replica), up to
+REPLICA_ATTEMPTS tries in all, so a lost replica costs clients latency, not errors.
+
+Metrics (Ray's, scraped from each node's metrics export port as `ray_<name>`): Serve's own request
+counts and latencies (`serve_num_http_requests`, `serve_deployment_processing_latency_ms`, ...) and
+Serve batch sizes (`serve_actual_batch_size`), plus `raycap_model_batch_size` (images per model call:
+a Serve batch splits by checkpoint and options), `raycap_captions` (images by outcome) and
+`raycap_replica_retries` (requests sent again after a replica was lost).
 
 Other Ray code calls the same deployments through handles: the ingress,
 `serve.get_app_handle("raycap").caption_images.remote([jpeg_bytes], CaptionOptions())`, or the two
@@ -33,6 +54,7 @@ stages, `decoder.caption.remote(encoder.remote(jpeg_bytes), CaptionOptions())` w
 import asyncio
 import dataclasses
 import json
+import logging
 import os
 import secrets
 import tempfile
@@ -46,14 +68,19 @@ import numpy as np
 import torch
 import yaml
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 from pydantic import BaseModel, ConfigDict, NonNegativeFloat, PositiveInt
 from ray import serve
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
+from ray.serve.metrics import Counter, Histogram
 from ray.serve.schema import ApplicationStatus, ServeDeploySchema
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.websockets import WebSocketClose
 
 from raycap import storage
 from raycap.data.images import DEFAULT_MAX_PIXELS, ImageError
@@ -64,8 +91,16 @@ from raycap.models.encoder import Encoder, EncoderConfig
 
 APP_NAME = "raycap"
 TOKEN_ENV = "RAYCAP_API_TOKEN"
+TOKEN_FILE_ENV = "RAYCAP_API_TOKEN_FILE"
 SWAP_WAIT_S = 30.0  # how long a request waits for Encoder and Decoder to agree after a checkpoint swap
+# Tries per image when its replica dies mid-request (Serve routes each try to a live replica). Two:
+# losing a replica is rare, while an input that kills its replica (an OOM, a crash in a decoder
+# library) would take down one more replica with every further try.
+REPLICA_ATTEMPTS = 2
 MULTIPART_OVERHEAD = 64 * 1024  # bytes of multipart headers and boundaries allowed beyond the images
+BATCH_SIZE_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
+
+logger = logging.getLogger("ray.serve")  # Serve writes this logger to the replica's log file
 
 K = TypeVar("K", bound=Hashable)
 
@@ -226,6 +261,16 @@ def _build_encoder(cfg: EncoderConfig) -> Encoder:
     return Encoder(cfg).to(_device())
 
 
+def _model_batch_sizes() -> Histogram:
+    """Images per model call on this replica: what batching buys. Serve's `serve_actual_batch_size`
+    counts requests per batch, before a batch splits by checkpoint and options."""
+    return Histogram(
+        "raycap_model_batch_size",
+        description="Images per model call (encoder forward or beam search), by deployment and replica.",
+        boundaries=BATCH_SIZE_BUCKETS,
+    )
+
+
 @serve.deployment(name="Encoder", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.4})
 class ImageEncoder:
     """Image bytes -> features (P, C), batched; decodes with the one shared preprocessing path."""
@@ -233,6 +278,7 @@ class ImageEncoder:
     def __init__(self, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.max_pixels = max_pixels
         self.encoder: Encoder | None = None
+        self.batch_sizes = _model_batch_sizes()
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         settings = EncoderSettings.model_validate(user_config)
@@ -267,6 +313,7 @@ class ImageEncoder:
         out: list[Encoded] = [None] * len(items)  # type: ignore[list-item]
         for encoder, rows in _groups([encoder for encoder, _ in items]).items():
             images = np.stack([items[i][1] for i in rows])  # (B, S, S, 3) uint8
+            self.batch_sizes.observe(len(rows))
             features = encoder.encode(images).cpu().numpy()  # (B, P, C); inline: see CaptionDecoder.decode_batch
             for row, i in enumerate(rows):
                 out[i] = Encoded(features[row], encoder.cfg)
@@ -307,6 +354,7 @@ class CaptionDecoder:
         self.current: LoadedModel | None = None
         self.previous: LoadedModel | None = None
         self.max_len = 0  # set with the checkpoint, by reconfigure
+        self.batch_sizes = _model_batch_sizes()
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         settings = DecoderSettings.model_validate(user_config)
@@ -365,6 +413,7 @@ class CaptionDecoder:
                 continue
             loaded = models[which]
             features = torch.from_numpy(np.stack([items[i][0].features for i in rows])).to(_device())  # (B, P, C)
+            self.batch_sizes.observe(len(rows))
             vocab = loaded.model.vocab
             # Inline on the replica's event loop, as in Serve's batching examples: in a worker thread,
             # beam search's many small ops hold the GIL so often that the loop hardly enqueues the
@@ -380,12 +429,70 @@ class CaptionDecoder:
 
 # --- ingress -----------------------------------------------------------------------------------
 
+UNAUTHORIZED = "missing or wrong bearer token: send 'Authorization: Bearer <token>' with the server's token"
+
+
+def api_token() -> str | None:
+    """The bearer token this process requires: the first line of the file RAYCAP_API_TOKEN_FILE
+    names, else RAYCAP_API_TOKEN; None when neither is set (authentication off)."""
+    path = os.environ.get(TOKEN_FILE_ENV)
+    if not path:
+        return os.environ.get(TOKEN_ENV) or None
+    try:
+        lines = Path(path).expanduser().read_text().splitlines()
+    except OSError as exc:
+        raise ValueError(f"{TOKEN_FILE_ENV}={path}: cannot read the API token file ({exc})") from None
+    if not lines or not lines[0].strip():
+        raise ValueError(f"{TOKEN_FILE_ENV}={path}: the file is empty; put the token on its first line")
+    return lines[0].strip()
+
+
+def _route_path(scope: Scope) -> str:
+    """The path the application routes on: Serve passes a route_prefix other than / as root_path."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root + "/") else path
+
+
+class BearerTokenAuth:
+    """ASGI middleware: when the replica has a token (`api_token`), every request to a path but
+    /healthz needs `Authorization: Bearer <token>`, else 401. It runs before routing, so no route,
+    method, doc page or unknown path answers without the token, and a route added later is covered too."""
+
+    def __init__(self, app: ASGIApp, public: frozenset[str] = frozenset({"/healthz"})) -> None:
+        self.app, self.public = app, public
+        token = api_token()  # built in the replica, on its first request
+        self.token = token.encode() if token else None
+
+    def _authorized(self, scope: Scope) -> bool:
+        scheme, credentials = get_authorization_scheme_param(Headers(scope=scope).get("authorization"))
+        return scheme.lower() == "bearer" and secrets.compare_digest(credentials.encode(), self.token or b"")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            self.token is None
+            or scope["type"] not in ("http", "websocket")
+            or _route_path(scope) in self.public
+            or self._authorized(scope)
+        ):
+            await self.app(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await WebSocketClose(code=1008)(scope, receive, send)  # 1008: policy violation
+        else:
+            response = JSONResponse({"detail": UNAUTHORIZED}, 401, headers={"WWW-Authenticate": "Bearer"})
+            await response(scope, receive, send)
+
+
 api = FastAPI(
     title="raycap",
     summary="Image captioning (Show, Attend and Tell) on Ray Serve",
-    description=f"Authentication: when {TOKEN_ENV} is set on the server, send `Authorization: Bearer <token>`.",
+    description=(
+        "Authentication: when the server has a token, send `Authorization: Bearer <token>` on every path "
+        "but /healthz, these docs and /openapi.json included."
+    ),
 )
-bearer = HTTPBearer(auto_error=False, description=f"the server's {TOKEN_ENV}")
+api.add_middleware(BearerTokenAuth)
+bearer = HTTPBearer(auto_error=False, description=f"the server's {TOKEN_FILE_ENV} or {TOKEN_ENV}")
+SECURED = [Depends(bearer)]  # declares the scheme in the OpenAPI schema; BearerTokenAuth enforces it
 _IMAGE_BODY = {"type": "string", "format": "binary"}
 _SINGLE_BODY = {
     "requestBody": {
@@ -418,7 +525,6 @@ def caption_options(
 
 
 Options = Annotated[CaptionOptions, Depends(caption_options)]
-Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
 
 def _cause(exc: BaseException) -> BaseException:
@@ -428,29 +534,51 @@ def _cause(exc: BaseException) -> BaseException:
     return exc
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 once it exceeds `limit` bytes (declared or streamed)."""
+def _replica_lost(exc: BaseException) -> bool:
+    """Whether a request failed because an Encoder or Decoder replica died or became unreachable
+    (the replica it ran on, or the upstream one whose result it waited for), not because of its input."""
+    cause = _cause(exc)
+    return isinstance(cause, RayActorError) or isinstance(cause.__cause__, RayActorError)
+
+
+def _outcome(exc: BaseException) -> str:
+    """The `raycap_captions` outcome of a failed caption request."""
+    kinds = {ImageError: "bad_image", InvalidOptions: "invalid_options", LimitExceeded: "too_large"}
+    return next((outcome for kind, outcome in kinds.items() if isinstance(exc, kind)), "error")
+
+
+async def _body_chunks(request: Request, limit: int) -> AsyncIterator[bytes]:
+    """The request body as it arrives, refused with 413 from its declared Content-Length, or as soon
+    as more than `limit` bytes have come: the app never holds an oversized upload whole."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise HTTPException(413, f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes")
-    chunks, size = [], 0
+    size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise HTTPException(413, f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        yield chunk
 
 
-async def _multipart_files(body: bytes, headers: Headers) -> list[bytes]:
-    """The content of each file in a multipart/form-data body, in order; other fields ignored."""
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The whole request body, at most `limit` bytes (else 413)."""
+    return b"".join([chunk async for chunk in _body_chunks(request, limit)])
 
-    async def stream() -> AsyncIterator[bytes]:
-        yield body
 
+async def _multipart_files(request: Request, limit: int, max_files: int) -> list[bytes]:
+    """The content of each file in a multipart/form-data body of at most `limit` bytes (else 413),
+    in order; other fields ignored. Parsed as it streams in, files spooled to disk past 1 MiB.
+    Raises LimitExceeded at the file after `max_files`: every part costs the parser far more than
+    its bytes (a body of empty parts takes ~1 s of CPU and ~20 MiB of memory per MiB)."""
+    stream = _body_chunks(request, limit)
     try:
-        form = await MultiPartParser(headers, stream(), max_files=float("inf"), max_fields=1000).parse()
+        form = await MultiPartParser(request.headers, stream, max_files=max_files, max_fields=1000).parse()
     except MultiPartException as exc:
+        if exc.message.startswith("Too many files"):  # Starlette's words for a file beyond max_files
+            raise LimitExceeded(
+                f"more than {max_files} image files, over the limit of {max_files} per request"
+            ) from None
         raise HTTPException(400, f"malformed multipart/form-data body: {exc.message}") from None
     try:
         return [await value.read() for _, value in form.multi_items() if isinstance(value, UploadFile)]
@@ -459,7 +587,7 @@ async def _multipart_files(body: bytes, headers: Headers) -> list[bytes]:
 
 
 def _is_multipart(headers: Headers) -> bool:
-    return headers.get("content-type", "").startswith("multipart/form-data")
+    return headers.get("content-type", "").lower().startswith("multipart/form-data")
 
 
 @serve.deployment(name="Captioner", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.1})
@@ -469,7 +597,16 @@ class Captioner:
 
     def __init__(self, encoder: DeploymentHandle, decoder: DeploymentHandle, args: AppArgs) -> None:
         self.encoder, self.decoder, self.args = encoder, decoder, args
-        self.token = os.environ.get(TOKEN_ENV) or None
+        api_token()  # an unreadable token file fails the deployment here, not each request
+        self.captions = Counter(
+            "raycap_captions",
+            description="Images in caption requests, by outcome: ok, or why their request failed.",
+            tag_keys=("outcome",),
+        )
+        self.retries = Counter(
+            "raycap_replica_retries",
+            description="Images sent again because an Encoder or Decoder replica was lost mid-request.",
+        )
 
     def _check(self, images: Sequence[bytes], options: CaptionOptions) -> None:
         """Raise InvalidOptions for options, or LimitExceeded for image counts/sizes, beyond the limits."""
@@ -491,12 +628,25 @@ class Captioner:
     ) -> list[CaptionResponse]:
         """Caption images (encoded bytes, any PIL format). Raises InvalidOptions, LimitExceeded, or
         ImageError for an unusable image (its message names which, when there are several)."""
-        self._check(images, options)
-        labels = [f"image {i + 1}: " if len(images) > 1 else "" for i in range(len(images))]
-        return list(await asyncio.gather(*(self._caption_one(x, options, label) for x, label in zip(images, labels))))
+        try:
+            self._check(images, options)
+            labels = [f"image {i + 1}: " if len(images) > 1 else "" for i in range(len(images))]
+            results = await asyncio.gather(*(self._caption_one(x, options, label) for x, label in zip(images, labels)))
+        except Exception as exc:
+            self._count(len(images), _outcome(exc))
+            raise
+        self._count(len(results), "ok")
+        return list(results)
+
+    def _count(self, images: int, outcome: str) -> None:
+        if images:  # Ray counters refuse increments of 0
+            self.captions.inc(images, tags={"outcome": outcome})
 
     async def _caption_one(self, image: bytes, options: CaptionOptions, label: str) -> CaptionResponse:
+        """Encode and decode one image, again while a checkpoint swap is half done (for up to
+        SWAP_WAIT_S) and after a replica is lost mid-request (up to REPLICA_ATTEMPTS tries in all)."""
         deadline = time.monotonic() + SWAP_WAIT_S
+        attempt = 1
         while True:
             try:
                 return await self.decoder.caption.remote(self.encoder.remote(image), options)
@@ -506,16 +656,17 @@ class Captioner:
                     raise ImageError(f"{label}{cause}") from None
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"Encoder and Decoder still disagree after {SWAP_WAIT_S} s: {cause}") from None
-            await asyncio.sleep(0.2)  # a checkpoint swap is half done: encode again
-
-    def _authorize(self, credentials: HTTPAuthorizationCredentials | None) -> None:
-        if self.token is None:
-            return
-        if credentials is None or not secrets.compare_digest(credentials.credentials.encode(), self.token.encode()):
-            raise HTTPException(
-                401, "missing or wrong bearer token: send 'Authorization: Bearer <token>'",
-                headers={"WWW-Authenticate": "Bearer"},
-            )  # fmt: skip
+                await asyncio.sleep(0.2)  # a checkpoint swap is half done: encode again
+            except Exception as exc:
+                if attempt >= REPLICA_ATTEMPTS or not _replica_lost(exc):
+                    raise
+                attempt += 1
+                self.retries.inc()
+                cause = _cause(exc)
+                logger.warning(
+                    f"{label}a replica was lost mid-request ({type(cause).__name__}); "
+                    f"sending it again, try {attempt} of {REPLICA_ATTEMPTS}"
+                )
 
     async def _http_caption(self, images: list[bytes], options: CaptionOptions) -> list[CaptionResponse]:
         """`caption_images` with client mistakes turned into 4xx responses."""
@@ -532,40 +683,33 @@ class Captioner:
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @api.get("/model")
-    async def model_info(self, credentials: Credentials) -> ModelInfo:
-        self._authorize(credentials)
+    @api.get("/model", dependencies=SECURED)
+    async def model_info(self) -> ModelInfo:
         return await self.decoder.info.remote()
 
-    @api.post("/caption", response_model_exclude_none=True, openapi_extra=_SINGLE_BODY)
-    async def caption(
-        self,
-        request: Request,
-        options: Options,
-        credentials: Credentials,
-    ) -> CaptionResponse:
-        self._authorize(credentials)
+    @api.post("/caption", response_model_exclude_none=True, openapi_extra=_SINGLE_BODY, dependencies=SECURED)
+    async def caption(self, request: Request, options: Options) -> CaptionResponse:
         limit = self.args.max_image_bytes
         if not _is_multipart(request.headers):
             return (await self._http_caption([await _read_body(request, limit)], options))[0]
-        files = await _multipart_files(await _read_body(request, limit + MULTIPART_OVERHEAD), request.headers)
-        if len(files) != 1:
-            raise HTTPException(400, f"expected one image file, got {len(files)}: use /caption/batch for several")
+        try:
+            files = await _multipart_files(request, limit + MULTIPART_OVERHEAD, max_files=1)
+        except LimitExceeded:
+            raise HTTPException(400, "expected one image file, got several: use /caption/batch for several") from None
+        if not files:
+            raise HTTPException(400, "expected one image file, got none")
         return (await self._http_caption(files, options))[0]
 
-    @api.post("/caption/batch", response_model_exclude_none=True, openapi_extra=_BATCH_BODY)
-    async def caption_batch(
-        self,
-        request: Request,
-        options: Options,
-        credentials: Credentials,
-    ) -> BatchResponse:
-        self._authorize(credentials)
+    @api.post("/caption/batch", response_model_exclude_none=True, openapi_extra=_BATCH_BODY, dependencies=SECURED)
+    async def caption_batch(self, request: Request, options: Options) -> BatchResponse:
         if not _is_multipart(request.headers):
             raise HTTPException(415, "send the images as files of a multipart/form-data body")
         a = self.args
-        body = await _read_body(request, a.max_images_per_request * a.max_image_bytes + MULTIPART_OVERHEAD)
-        files = await _multipart_files(body, request.headers)
+        limit, max_files = a.max_images_per_request * a.max_image_bytes + MULTIPART_OVERHEAD, a.max_images_per_request
+        try:
+            files = await _multipart_files(request, limit, max_files)
+        except LimitExceeded as exc:
+            raise HTTPException(413, str(exc)) from None
         if not files:
             raise HTTPException(400, "no image files in the multipart/form-data body")
         return BatchResponse(results=await self._http_caption(files, options))

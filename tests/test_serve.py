@@ -4,14 +4,10 @@ on the same bytes; every client mistake gets its 4xx; a checkpoint swap drops no
 
 from __future__ import annotations
 
-import io
-import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,18 +16,15 @@ import numpy as np
 import pytest
 import requests
 import torch
-import torchvision
 import yaml
-from PIL import Image
+from helpers import free_port, image, make_checkpoint, png_header
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
 from raycap import storage
-from raycap.data.vocab import Vocab
 from raycap.models.beam import beam_search
-from raycap.models.checkpoint import CaptionModel, load_checkpoint, save_checkpoint
-from raycap.models.decoders import DecoderConfig, build_decoder
-from raycap.models.encoder import Encoder, EncoderConfig
+from raycap.models.checkpoint import CaptionModel, load_checkpoint
+from raycap.models.encoder import Encoder
 from raycap.serve import (
     APP_NAME,
     TOKEN_ENV,
@@ -49,8 +42,6 @@ TOKEN = "test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MAX_LEN = 12  # words per caption: keeps random-weight captions short
 MAX_BYTES, MAX_IMAGES = 40_000, 4
-WORDS = ["a", "an", "the", "red", "green", "blue", "dog", "cat", "man", "woman", "on", "in", "with", "sitting",
-         "standing", "near", "grass", "table", "ball"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -76,57 +67,9 @@ class Model:
         return [(vocab.decode(c.tokens), c.score, c.alphas[rows]) for c, rows in zip(captions, shown)]
 
 
-def _make_checkpoint(root: Path, name: str, grid: int, seed: int) -> Path:
-    """A random-weight attention captioner on a seeded resnet18 whose weights are saved to a file,
-    so every process builds the same encoder."""
-    torch.manual_seed(seed)
-    weights = root / f"{name}-resnet18.pt"
-    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
-    encoder_cfg = EncoderConfig("resnet18", str(weights), grid=grid, image_size=64)
-    decoder_cfg = DecoderConfig("attention", embed_dim=32, decoder_dim=32, attention_dim=32, dropout=0.0)
-    vocab = Vocab(WORDS)
-    decoder = build_decoder(decoder_cfg, len(vocab), encoder_cfg.feature_dim)
-    # Random weights barely look at the image and spread words evenly: amplify the image's paths
-    # and the output layer, so captions differ per image and beams are far from ties.
-    for weight, gain in ((decoder.init_h.weight, 20), (decoder.init_c.weight, 20), (decoder.f_beta.weight, 3),
-                         (decoder.lstm.weight_ih, 3), (decoder.fc.weight, 10)):  # fmt: skip
-        weight.data.mul_(gain)
-    decoder.fc.bias.data[vocab.end_id] = -4.0  # fewer empty captions
-    return save_checkpoint(root / name, CaptionModel(decoder, vocab, encoder_cfg, decoder_cfg))
-
-
 def _model(checkpoint: str, local: Path) -> Model:
     caption_model = load_checkpoint(local)
     return Model(checkpoint, Path(checkpoint).name, Encoder(caption_model.encoder_cfg), caption_model)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _image(seed: int, size: tuple[int, int] = (80, 60), fmt: str = "JPEG") -> bytes:
-    """A coloured rectangle on a coloured background: images that differ in what a CNN sees."""
-    rng = np.random.default_rng(seed)
-    width, height = size
-    pixels = np.zeros((height, width, 3), np.uint8) + rng.integers(0, 256, 3, dtype=np.uint8)  # (H, W, 3)
-    x, y = rng.integers(0, width // 2), rng.integers(0, height // 2)
-    pixels[y : y + height // 2, x : x + width // 2] = rng.integers(0, 256, 3, dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
-def _png_header(width: int, height: int) -> bytes:
-    """A tiny PNG that declares width x height, like a decompression bomb's header."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * 64)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +77,8 @@ def models(tmp_path_factory: pytest.TempPathFactory, s3_server) -> dict[str, Mod
     """Two checkpoints: `first` (local, grid 4) is served; `second` (on S3, grid 2: another encoder
     config) is swapped in."""
     root = tmp_path_factory.mktemp("checkpoints")
-    first = _make_checkpoint(root, "first", grid=4, seed=0)
-    second = _make_checkpoint(root, "second", grid=2, seed=1)
+    first = make_checkpoint(root, "first", grid=4, seed=0)
+    second = make_checkpoint(root, "second", grid=2, seed=1)
     bucket = s3_server.make_bucket()
     uri = f"s3://{bucket}/models/second"
     for file in second.iterdir():
@@ -156,7 +99,7 @@ def _config(checkpoint: str, port: int) -> ServeDeploySchema:
 @pytest.fixture(scope="module")
 def service(ray_session: None, models: dict[str, Model]) -> Iterator[str]:
     """The application deployed once for this module; yields its base URL."""
-    port = _free_port()
+    port = free_port()
     url = deploy(_config(models["first"].checkpoint, port))
     try:
         yield url
@@ -169,7 +112,7 @@ def _post(url: str, path: str, data: bytes = b"", headers: dict | None = None, *
 
 
 def _files(images: list[bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
-    return [("images", (f"{i}.jpg", image, "image/jpeg")) for i, image in enumerate(images)]
+    return [("images", (f"{i}.jpg", photo, "image/jpeg")) for i, photo in enumerate(images)]
 
 
 # --- no Ray --------------------------------------------------------------------------------------
@@ -215,23 +158,23 @@ def test_job_help_runs() -> None:
 
 @pytest.mark.integration
 def test_caption_of_raw_body_equals_the_model_called_directly(service: str, models: dict[str, Model]) -> None:
-    image = _image(1)
-    response = _post(service, "/caption", image, {"Content-Type": "image/jpeg"})
+    photo = image(1)
+    response = _post(service, "/caption", photo, {"Content-Type": "image/jpeg"})
     assert response.status_code == 200, response.text
     body = response.json()
-    ((caption, score, _),) = models["first"].caption(image)
+    ((caption, score, _),) = models["first"].caption(photo)
     assert body["caption"] == caption and body["score"] == pytest.approx(score, rel=1e-4, abs=1e-4)
     assert body["model"] == "first" and "beams" not in body and "attention" not in body
 
 
 @pytest.mark.integration
 def test_multipart_upload_with_beams_and_attention_maps(service: str, models: dict[str, Model]) -> None:
-    image = _image(2, fmt="PNG")
+    photo = image(2, fmt="PNG")
     params = {"beam_size": 4, "num_captions": 3, "attention": "true"}
-    response = _post(service, "/caption", files={"image": ("x.png", image, "image/png")}, params=params)
+    response = _post(service, "/caption", files={"image": ("x.png", photo, "image/png")}, params=params)
     assert response.status_code == 200, response.text
     body = response.json()
-    expected = models["first"].caption(image, beam_size=4, num_captions=3)
+    expected = models["first"].caption(photo, beam_size=4, num_captions=3)
     assert [b["caption"] for b in body["beams"]] == [caption for caption, _, _ in expected]
     assert [b["score"] for b in body["beams"]] == pytest.approx([s for _, s, _ in expected], rel=1e-4, abs=1e-4)
     assert body["caption"] == expected[0][0] and body["attention"] == body["beams"][0]["attention"]
@@ -244,21 +187,21 @@ def test_multipart_upload_with_beams_and_attention_maps(service: str, models: di
 
 @pytest.mark.integration
 def test_batch_captions_equal_the_model_in_upload_order(service: str, models: dict[str, Model]) -> None:
-    images = [_image(10 + i, size=(50 + 10 * i, 70)) for i in range(MAX_IMAGES)]
+    images = [image(10 + i, size=(50 + 10 * i, 70)) for i in range(MAX_IMAGES)]
     response = _post(service, "/caption/batch", files=_files(images))
     assert response.status_code == 200, response.text
     results = response.json()["results"]
-    expected = [models["first"].caption(image)[0] for image in images]
+    expected = [models["first"].caption(photo)[0] for photo in images]
     assert [r["caption"] for r in results] == [caption for caption, _, _ in expected]
     assert [r["score"] for r in results] == pytest.approx([s for _, s, _ in expected], rel=1e-4, abs=1e-4)
 
 
 @pytest.mark.integration
 def test_python_handle_gives_the_http_answer(service: str) -> None:
-    image = _image(3)
+    photo = image(3)
     handle = serve.get_app_handle(APP_NAME)
-    (result,) = handle.caption_images.remote([image], CaptionOptions(beam_size=2)).result(timeout_s=60)
-    over_http = _post(service, "/caption", image, params={"beam_size": 2}).json()
+    (result,) = handle.caption_images.remote([photo], CaptionOptions(beam_size=2)).result(timeout_s=60)
+    over_http = _post(service, "/caption", photo, params={"beam_size": 2}).json()
     assert result.model_dump(exclude_none=True) == over_http
 
 
@@ -270,20 +213,23 @@ def test_model_info_and_health_and_docs(service: str, models: dict[str, Model]) 
     assert info["vocab_size"] == len(model.vocab)
     assert (info["encoder"]["arch"], info["encoder"]["grid"]) == ("resnet18", 4)
     assert requests.get(f"{service}/healthz", timeout=30).json() == {"status": "ok"}
-    paths = requests.get(f"{service}/openapi.json", timeout=30).json()["paths"]
-    assert {"/caption", "/caption/batch", "/model", "/healthz"} <= set(paths)
-    assert requests.get(f"{service}/docs", timeout=30).status_code == 200
+    schema = requests.get(f"{service}/openapi.json", headers=AUTH, timeout=30).json()
+    assert {"/caption", "/caption/batch", "/model", "/healthz"} <= set(schema["paths"])
+    assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    assert requests.get(f"{service}/docs", headers=AUTH, timeout=30).status_code == 200
+    for path in ("/docs", "/openapi.json"):  # with a token set, no path but /healthz answers without it
+        assert requests.get(f"{service}{path}", timeout=30).status_code == 401
 
 
 def _bad_requests() -> dict[str, tuple[str, dict, int, str]]:
     """name -> (path, requests kwargs, status, words in the reason)."""
-    jpeg = _image(4)
-    many = _files([_image(20 + i) for i in range(MAX_IMAGES + 1)])
+    jpeg = image(4)
+    many = _files([image(20 + i) for i in range(MAX_IMAGES + 1)])
     return {
         "empty body": ("/caption", {"data": b""}, 400, "empty"),
         "text": ("/caption", {"data": b"these are notes, not a photo\n"}, 400, "not an image"),
         "truncated jpeg": ("/caption", {"data": jpeg[: len(jpeg) // 2]}, 400, "corrupt"),
-        "decompression bomb": ("/caption", {"data": _png_header(100_000, 100_000)}, 400, "too large"),
+        "decompression bomb": ("/caption", {"data": png_header(100_000, 100_000)}, 400, "too large"),
         "oversize body": ("/caption", {"data": b"\xff" * (MAX_BYTES + 1)}, 413, "limit"),
         "oversize upload": ("/caption", {"files": {"image": ("big.jpg", b"\xff" * (MAX_BYTES + 1))}}, 413, "limit"),
         "two files on /caption": ("/caption", {"files": _files([jpeg, jpeg])}, 400, "/caption/batch"),
@@ -310,10 +256,10 @@ def test_client_mistakes_get_4xx_with_a_reason(service: str, case: str) -> None:
 @pytest.mark.integration
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}])
 def test_token_is_required_on_every_route_but_healthz(service: str, headers: dict) -> None:
-    image = _image(5)
+    photo = image(5)
     calls = [
-        requests.post(f"{service}/caption", data=image, headers=headers, timeout=30),
-        requests.post(f"{service}/caption/batch", files=_files([image]), headers=headers, timeout=30),
+        requests.post(f"{service}/caption", data=photo, headers=headers, timeout=30),
+        requests.post(f"{service}/caption/batch", files=_files([photo]), headers=headers, timeout=30),
         requests.get(f"{service}/model", headers=headers, timeout=30),
     ]
     assert [r.status_code for r in calls] == [401, 401, 401]
@@ -325,14 +271,14 @@ def test_token_is_required_on_every_route_but_healthz(service: str, headers: dic
 def test_reconfigure_swaps_to_an_s3_checkpoint_without_dropping_requests(
     service: str, models: dict[str, Model]
 ) -> None:
-    image, port = _image(6), int(service.rsplit(":", 1)[1])
+    photo, port = image(6), int(service.rsplit(":", 1)[1])
     statuses: list[int] = []
     seen: set[str] = set()
     stop = threading.Event()
 
     def load() -> None:
         while not stop.is_set():
-            response = _post(service, "/caption", image)
+            response = _post(service, "/caption", photo)
             statuses.append(response.status_code)
             if response.ok:
                 seen.add(response.json()["model"])
@@ -353,8 +299,8 @@ def test_reconfigure_swaps_to_an_s3_checkpoint_without_dropping_requests(
             thread.join()
     assert statuses and set(statuses) == {200}, f"{len(statuses)} requests: {sorted(set(statuses))}"
     assert "second" in seen
-    body = _post(service, "/caption", image, params={"attention": "true"}).json()
-    ((caption, score, _),) = models["second"].caption(image)
+    body = _post(service, "/caption", photo, params={"attention": "true"}).json()
+    ((caption, score, _),) = models["second"].caption(photo)
     assert (body["model"], body["caption"]) == ("second", caption)
     assert body["score"] == pytest.approx(score, rel=1e-4, abs=1e-4)
     assert np.array(body["attention"]).shape == (len(caption.split()), 2, 2)
