@@ -4,10 +4,23 @@ Data: Ray Data reads the Parquet features (`raycap.feature_store` layout), attac
 tokenised captions, and streams image rows to the workers (`get_dataset_shard`), shuffled every
 epoch. A row carries all `captions_per_image` captions of its image, so every (image, caption)
 pair is an example each epoch while the image features cross the network once, not five times.
+Validation rows are split unevenly across workers (`ValidationSplit`): Ray Train's even split
+would leave out up to a row per worker, and BLEU must cover the whole split.
 
 Every epoch each worker validates its share of the validation images (loss and beam search); the
 captions are gathered and scored with BLEU-1..4 and CIDEr-D, and rank 0 reports a checkpoint. The
 best checkpoint by BLEU-4 is kept, and rerunning with the same run name resumes from the latest.
+
+Faults: a worker that dies is replaced and the run goes on from the last checkpoint
+(`max_failures`). A checkpoint that does not load (truncated weights, garbled JSON, a pickle planted
+in optimizer.pt) is skipped with a warning naming it and the reason, for the newest older one of the
+run that loads; the best checkpoint returned is likewise the best that loads.
+
+TensorBoard: rank 0 writes per-epoch scalars (train/loss, train/ce, train/lr, val/loss, val/bleu1..4,
+val/cider_d; step = epoch) to `<storage_path>/<run_name>/tensorboard/`. The event file is written to a
+local temporary folder and copied there after each epoch, so a folder and an s3:// prefix work alike
+(an S3 object cannot be appended to); `tensorboard --logdir` reads either. A resumed run purges the
+steps it redoes, so each epoch shows once.
 """
 
 from __future__ import annotations
@@ -15,6 +28,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
+import math
 import os
 import sys
 import tempfile
@@ -23,21 +38,44 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 import ray
 import ray.train
 import torch
 import torch.distributed as dist
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from torch.utils.tensorboard import SummaryWriter
 
 from raycap import feature_store as fstore
 from raycap import storage
 from raycap.metrics import score_captions
-from raycap.models.checkpoint import CaptionModel, load_checkpoint, load_optimizer_state, save_checkpoint
+from raycap.models.checkpoint import (
+    CaptionModel,
+    CheckpointError,
+    load_checkpoint,
+    load_optimizer_state,
+    save_checkpoint,
+)
 from raycap.models.decoders import DecoderConfig, build_decoder
 from raycap.recipe import Plateau, TrainConfig, decay_lr, train_epoch, validate
 
 STATE_FILE = "train_state.json"
+TENSORBOARD_DIR = "tensorboard"
+# Ray Train metric -> TensorBoard tag, written each epoch.
+SCALARS = {
+    "train_loss": "train/loss",
+    "train_ce": "train/ce",
+    "lr": "train/lr",
+    "val_ce": "val/loss",
+    "bleu1": "val/bleu1",
+    "bleu2": "val/bleu2",
+    "bleu3": "val/bleu3",
+    "bleu4": "val/bleu4",
+    "cider_d": "val/cider_d",
+}
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -109,6 +147,32 @@ def build_dataset(cfg: TrainJobConfig, split: str) -> ray.data.Dataset:
     return ds.randomize_block_order() if split == cfg.train_split else ds
 
 
+class ValidationSplit(DataConfig):
+    """Training rows split equally (DDP steps in lockstep need it, so up to a row per worker is left out
+    each epoch); validation rows split unequally, so every validation image is scored."""
+
+    def configure(
+        self,
+        datasets: dict[str, ray.data.Dataset],
+        world_size: int,
+        worker_handles: list[Any] | None,
+        worker_node_ids: list[str] | None,
+        **kwargs: Any,
+    ) -> list[dict[str, Any]]:
+        # Ray Train V2 asks for one dataset at a time.
+        others = {name: dataset for name, dataset in datasets.items() if name != "val"}
+        shards = super().configure(others, world_size, worker_handles, worker_node_ids, **kwargs)
+        if "val" in datasets:
+            val = ray.data.Dataset.copy(datasets["val"])  # as the base class does: leave the caller's untouched
+            val.context.execution_options = self.default_ingest_options()
+            if val.name is None:
+                val.set_name("val")
+            parts = val.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)
+            for shard, part in zip(shards, parts):
+                shard["val"] = part
+        return shards
+
+
 def _gather(predictions: dict[int, str]) -> dict[int, str]:
     """Union of every worker's predictions."""
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
@@ -127,6 +191,92 @@ def _weighted_mean(value: float, weight: int, device: torch.device) -> float:
     return float(both[0] / both[1].clamp(min=1))
 
 
+def storage_root(cfg: TrainJobConfig) -> str:
+    """`storage_path` as an s3:// prefix or an absolute folder (Ray Train needs absolute local paths)."""
+    if storage.is_s3(cfg.storage_path):
+        return cfg.storage_path
+    return os.path.abspath(os.path.expanduser(cfg.storage_path))
+
+
+def run_uri(cfg: TrainJobConfig) -> str:
+    """The run's folder or s3:// prefix: Ray Train's checkpoints, its snapshot and `tensorboard/`."""
+    return storage.join(storage_root(cfg), cfg.name)
+
+
+@dataclass
+class Restored:
+    """What a worker resumes from: decoder weights, optimizer state and the recipe's counters."""
+
+    decoder: dict[str, torch.Tensor]
+    optimizer: dict[str, Any] | None
+    state: dict[str, Any]  # STATE_FILE: epoch, lr, best_bleu4, since_best
+
+
+def read_restored(directory: str | Path) -> Restored:
+    """Load everything a resume needs from a local checkpoint folder; CheckpointError if any part is damaged."""
+    decoder = load_checkpoint(directory).decoder.state_dict()
+    optimizer = load_optimizer_state(directory)
+    state_file = Path(directory) / STATE_FILE
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        missing = {"epoch", "lr", "best_bleu4", "since_best"} - set(state)
+    except (OSError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{state_file} is not readable JSON: {type(exc).__name__}: {exc}") from exc
+    if missing:
+        raise CheckpointError(f"{state_file} lacks {sorted(missing)}")
+    return Restored(decoder, optimizer, state)
+
+
+def older_checkpoints(checkpoint: ray.train.Checkpoint) -> list[ray.train.Checkpoint]:
+    """The run's checkpoints written before `checkpoint`, newest first (Ray Train names them by time)."""
+    run_dir, name = checkpoint.path.rstrip("/").rsplit("/", 1)
+    found = checkpoint.filesystem.get_file_info(pafs.FileSelector(run_dir))
+    names = sorted(
+        (f.base_name for f in found if f.type == pafs.FileType.Directory and f.base_name.startswith("checkpoint_")),
+        reverse=True,
+    )
+    return [ray.train.Checkpoint(f"{run_dir}/{n}", filesystem=checkpoint.filesystem) for n in names if n < name]
+
+
+def restore(latest: ray.train.Checkpoint) -> Restored:
+    """Resume state from `latest`, or, if it is damaged, from the newest older checkpoint of the run that loads."""
+    for checkpoint in [latest, *older_checkpoints(latest)]:
+        try:
+            with checkpoint.as_directory() as directory:
+                restored = read_restored(directory)
+        except CheckpointError as exc:
+            logger.warning("[raycap] skipping checkpoint %s, which does not load: %s", checkpoint.path, exc)
+            continue
+        if checkpoint is not latest:
+            logger.warning("[raycap] resuming from %s (epoch %d) instead", checkpoint.path, restored.state["epoch"])
+        return restored
+    raise CheckpointError(
+        f"no checkpoint of the run at {latest.path.rstrip('/').rsplit('/', 1)[0]} loads (see the warnings above): "
+        "fix or delete the run folder, or train under a new run name"
+    )
+
+
+class Scalars:
+    """Per-epoch TensorBoard scalars, written locally and copied to `target` (folder or s3:// prefix) each epoch."""
+
+    def __init__(self, target: str, start_epoch: int, endpoint: str | None) -> None:
+        self.target, self.endpoint = target, endpoint
+        self.local = tempfile.TemporaryDirectory(prefix="raycap-tensorboard-")
+        # purge_step hides the steps an earlier attempt logged from here on: a resume redoes them.
+        self.writer = SummaryWriter(self.local.name, purge_step=start_epoch)
+
+    def add(self, metrics: dict[str, Any], epoch: int) -> None:
+        for key, tag in SCALARS.items():
+            self.writer.add_scalar(tag, float(metrics[key]), epoch)
+        self.writer.flush()
+        for file in Path(self.local.name).iterdir():
+            storage.write_bytes(storage.join(self.target, file.name), file.read_bytes(), self.endpoint)
+
+    def close(self) -> None:
+        self.writer.close()
+        self.local.cleanup()
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker: resume if a checkpoint exists, then train/validate/report each epoch."""
     cfg: TrainJobConfig = config["job"]
@@ -141,13 +291,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer_state = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as directory:
-            restored = load_checkpoint(directory)
-            decoder.load_state_dict(restored.decoder.state_dict())
-            optimizer_state = load_optimizer_state(directory)
-            state = json.loads((Path(directory) / STATE_FILE).read_text())
-        start_epoch, lr = state["epoch"] + 1, state["lr"]
-        plateau = Plateau(tcfg, state["best_bleu4"], state["since_best"])
+        restored = restore(checkpoint)
+        decoder.load_state_dict(restored.decoder)
+        optimizer_state = restored.optimizer
+        start_epoch, lr = restored.state["epoch"] + 1, restored.state["lr"]
+        plateau = Plateau(tcfg, restored.state["best_bleu4"], restored.state["since_best"])
 
     model = ray.train.torch.prepare_model(decoder)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -158,6 +306,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     rank = ray.train.get_context().get_world_rank()
+    scalars = Scalars(storage.join(run_uri(cfg), TENSORBOARD_DIR), start_epoch, cfg.s3_endpoint) if rank == 0 else None
 
     for epoch in range(start_epoch, tcfg.epochs):
         batches = (
@@ -195,13 +344,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 )
                 reported = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=reported)
-        if rank == 0:
+        if scalars is not None:
+            scalars.add(metrics, epoch)
             shown = ", ".join(f"{k}={metrics[k]:.3f}" for k in ("train_loss", "val_ce", "bleu4", "cider_d"))
             # sys.stdout, not print: Ray Train patches print() to log each line twice to the driver.
             sys.stdout.write(f"[raycap] {cfg.decoder.kind} epoch {epoch + 1}/{tcfg.epochs}: {shown}, lr={lr:.2e}\n")
             sys.stdout.flush()
         if plateau.should_stop:
             break
+    if scalars is not None:
+        scalars.close()
 
 
 def train(cfg: TrainJobConfig) -> TrainOutcome:
@@ -209,10 +361,8 @@ def train(cfg: TrainJobConfig) -> TrainOutcome:
     if not ray.is_initialized():
         ray.init()
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    if storage.is_s3(cfg.storage_path):
-        filesystem, storage_path = storage.filesystem(cfg.storage_path, cfg.s3_endpoint)
-    else:
-        filesystem, storage_path = None, os.path.abspath(os.path.expanduser(cfg.storage_path))
+    root = storage_root(cfg)
+    filesystem, storage_path = storage.filesystem(root, cfg.s3_endpoint) if storage.is_s3(root) else (None, root)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": cfg},
@@ -231,18 +381,36 @@ def train(cfg: TrainJobConfig) -> TrainOutcome:
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
         datasets={"train": build_dataset(cfg, cfg.train_split), "val": build_dataset(cfg, cfg.val_split)},
+        dataset_config=ValidationSplit(),
     )
     result = trainer.fit()
-    best = result.get_best_checkpoint(metric="bleu4", mode="max") if result.best_checkpoints else None
-    best_metrics = next((m for c, m in result.best_checkpoints if best is not None and c.path == best.path), {})
-    return TrainOutcome(result.path, best.path if best else None, best_metrics, dict(result.metrics or {}))
+    best, best_metrics = best_loadable(result.best_checkpoints)
+    # Ray reports paths on the storage filesystem (bucket/key for S3): give users URIs they can pass on.
+    scheme = "s3://" if storage.is_s3(root) else ""
+    best_uri = scheme + best.path if best else None
+    return TrainOutcome(scheme + result.path, best_uri, best_metrics, dict(result.metrics or {}))
+
+
+def best_loadable(
+    checkpoints: list[tuple[ray.train.Checkpoint, dict[str, Any]]],
+) -> tuple[ray.train.Checkpoint | None, dict[str, Any]]:
+    """The checkpoint with the highest BLEU-4 that loads, and its metrics; damaged ones are skipped with a warning."""
+    for checkpoint, metrics in sorted(checkpoints, key=lambda pair: pair[1].get("bleu4", -math.inf), reverse=True):
+        try:
+            with checkpoint.as_directory() as directory:
+                load_checkpoint(directory)
+        except CheckpointError as exc:
+            logger.warning("[raycap] best checkpoint candidate %s does not load, skipped: %s", checkpoint.path, exc)
+            continue
+        return checkpoint, metrics
+    return None, {}
 
 
 def train_models(configs: list[TrainJobConfig]) -> dict[str, TrainOutcome]:
     """Train each configured decoder in turn, printing its config first and where its results went."""
     outcomes = {}
     for cfg in configs:
-        print(f"[raycap] training {cfg.decoder.kind}: {json.dumps(dataclasses.asdict(cfg))}", flush=True)
+        print(f"[raycap] training {cfg.decoder.kind} as run {run_uri(cfg)}", flush=True)
         outcome = train(cfg)
         outcomes[cfg.decoder.kind] = outcome
         scores = ", ".join(f"{k}={outcome.best_metrics[k]:.3f}" for k in ("bleu4", "cider_d") if k in outcome.best_metrics)

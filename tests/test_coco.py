@@ -108,6 +108,47 @@ def test_empty_captions_are_dropped_with_a_warning_naming_the_image(tmp_path: Pa
     assert records[0].captions == ("a cat",)
 
 
+def test_captions_without_words_are_dropped_but_non_ascii_ones_kept(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path / "captions.json",
+        _coco([_image(5)], [
+            {"id": 1, "image_id": 5, "caption": "Un chat sur la table — très joli 猫"},
+            {"id": 2, "image_id": 5, "caption": " — !? 🐱🎉 "},
+            {"id": 3, "image_id": 5, "caption": None},
+            {"id": 4, "image_id": 5, "caption": "黑猫"},
+        ]),
+    )
+    with pytest.warns(UserWarning, match=r"image 5: dropped 2 empty caption\(s\) \(no words\)"):
+        records = load_coco_captions(path, "imgs", "train")
+    assert records[0].captions == ("Un chat sur la table — très joli 猫", "黑猫")
+
+
+def test_repeated_annotation_ids_warn_and_each_caption_stays_with_its_image(tmp_path: Path) -> None:
+    # pycocotools indexes annotations by id: looking captions up by id would give image 1 image 2's caption.
+    path = _write(
+        tmp_path / "captions.json",
+        _coco([_image(1), _image(2)], [
+            {"id": 7, "image_id": 1, "caption": "a cat"},
+            {"id": 7, "image_id": 2, "caption": "a dog"},
+        ]),
+    )
+    with pytest.warns(UserWarning, match="annotation id 7 is used more than once"):
+        records = load_coco_captions(path, "imgs", "train")
+    assert [(r.image_id, r.captions) for r in records] == [(1, ("a cat",)), (2, ("a dog",))]
+
+
+def test_non_integer_ids_are_errors_naming_the_entry(tmp_path: Path) -> None:
+    path = _write(tmp_path / "captions.json", _coco([_image(1), {**_image(2), "id": "2"}], []))
+    with pytest.raises(ValueError, match=r"images\[1\]: 'id' must be an integer, got '2'"):
+        load_coco_captions(path, "imgs", "train")
+    path = _write(tmp_path / "captions.json", _coco([_image(1)], [{"id": 1, "image_id": None, "caption": "x"}]))
+    with pytest.raises(ValueError, match=r"annotations\[0\]: 'image_id' must be an integer, got None"):
+        load_coco_captions(path, "imgs", "train")
+    karpathy = _write(tmp_path / "k.json", {"images": [{**_karpathy_entry(4, "train", ["a"]), "cocoid": 4.5}]})
+    with pytest.raises(ValueError, match=r"'cocoid' must be an integer, got 4.5"):
+        load_karpathy_split(karpathy, "/coco")
+
+
 def test_duplicate_image_id_is_an_error_naming_the_id(tmp_path: Path) -> None:
     path = _write(tmp_path / "captions.json", _coco([_image(3), _image(11), _image(11, "other.jpg")], []))
     with pytest.raises(ValueError, match="duplicate image id 11"):
@@ -165,7 +206,7 @@ def test_hand_written_karpathy_split_selects_splits_and_joins_paths(tmp_path: Pa
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         train = load_karpathy_split(path, "s3://coco")
-    assert [str(w.message) for w in caught] == [f"{path}: image 10: dropped 1 empty caption(s)"]
+    assert [str(w.message) for w in caught] == [f"{path}: image 10: dropped 1 empty caption(s) (no words)"]
     assert train == [
         ImageRecord(10, "s3://coco/val2014/COCO_val2014_000000000010.jpg", 0, 0, ("A dog.",), "train"),
         ImageRecord(30, "s3://coco/val2014/COCO_val2014_000000000030.jpg", 0, 0, ("a man on a horse .",), "restval"),

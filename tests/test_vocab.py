@@ -101,3 +101,30 @@ def test_rejects_duplicate_or_special_words() -> None:
         Vocab(["a", "a"])
     with pytest.raises(ValueError, match="special"):
         Vocab(["a", PAD])
+
+
+def test_tokenize_keeps_accented_and_other_script_words_whole() -> None:
+    assert tokenize("Un chat sur la table — très joli 猫") == ["un", "chat", "sur", "la", "table", "très", "joli", "猫"]
+    assert tokenize("Привет, МИР") == ["привет", "мир"]
+    assert tokenize("बिल्ली मेज़ पर") == ["बिल्ली", "मेज़", "पर"]  # vowel signs are combining marks
+
+
+def test_tokenize_normalises_unicode_forms_and_apostrophes() -> None:
+    assert tokenize("cafe\u0301 CAFÉ café") == ["café"] * 3  # decomposed, upper and composed agree
+    assert tokenize("Ｆｕｌｌ ｗｉｄｔｈ") == ["full", "width"]
+    assert tokenize("the man’s hat") == tokenize("the man's hat") == ["the", "man's", "hat"]
+
+
+def test_tokenize_splits_cjk_ideographs_and_drops_symbols() -> None:
+    assert tokenize("黑猫在桌子上") == ["黑", "猫", "在", "桌", "子", "上"]
+    assert tokenize("🐱 a cat 🎉 — «ok»") == ["a", "cat", "ok"]
+
+
+def test_non_ascii_captions_round_trip_through_the_vocabulary() -> None:
+    captions = ["Un chat sur la table — très joli 猫", "un chat noir"]
+    vocab = Vocab.build(captions, min_freq=1)
+    assert {"très", "猫", "chat"} <= set(vocab.itos)
+    ids = vocab.encode(captions[0])
+    assert vocab.unk_id not in ids
+    assert vocab.decode(ids) == "un chat sur la table très joli 猫"
+    assert Vocab.from_json(vocab.to_json()) == vocab

@@ -3,6 +3,12 @@
 Image paths are joined with "/" so that `image_root` may be a local folder or an s3://bucket/prefix
 URI. Images without any usable caption are still returned: feature extraction needs every image,
 training filters them out.
+
+Bad input fails here, naming the file and entry, rather than deep in extraction or training:
+missing keys, non-integer ids and duplicate image ids are errors; empty captions (no word at all,
+e.g. only punctuation), captions of unlisted images and repeated annotation ids are warnings.
+Image files are not opened here (that would mean a request per image on S3): extraction records
+a missing or undecodable one as an error row and goes on.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from typing import Any
 
 from pycocotools.coco import COCO
 
+from raycap.data.vocab import tokenize
+
 SPLITS = ("train", "val", "test", "restval")
 
 
@@ -30,7 +38,7 @@ class ImageRecord:
     path: str  # image_root + "/" + file name (local path or s3:// URI)
     width: int  # 0 where the source does not record it (Karpathy files usually don't)
     height: int
-    captions: tuple[str, ...]  # stripped, non-empty; may be empty for an image without captions
+    captions: tuple[str, ...]  # stripped, each with a word; may be empty for an image without captions
     split: str  # one of SPLITS
 
 
@@ -47,10 +55,12 @@ def load_coco_captions(annotation_file: str | Path, image_root: str, split: str)
     images = _list_field(data, "images", source)
     annotations = _list_field(data, "annotations", source)
     for i, image in enumerate(images):
-        _require(image, ("id", "file_name", "width", "height"), f"{source}: images[{i}]")
+        keys = ("id", "file_name", "width", "height")
+        _require(image, keys, f"{source}: images[{i}]", ints=("id", "width", "height"))
     for i, annotation in enumerate(annotations):
-        _require(annotation, ("id", "image_id", "caption"), f"{source}: annotations[{i}]")
+        _require(annotation, ("id", "image_id", "caption"), f"{source}: annotations[{i}]", ints=("image_id",))
     _check_unique((image["id"] for image in images), source)
+    _warn_duplicate_annotation_ids(annotations, source)
 
     coco = COCO()
     coco.dataset = data
@@ -67,7 +77,9 @@ def load_coco_captions(annotation_file: str | Path, image_root: str, split: str)
     records = []
     for image_id in sorted(coco.getImgIds()):
         (image,) = coco.loadImgs(image_id)
-        raw = [annotation["caption"] for annotation in coco.loadAnns(coco.getAnnIds(imgIds=image_id))]
+        # imgToAnns holds the annotations themselves; loadAnns(getAnnIds()) would look them up by
+        # annotation id and give one image another's caption where ids repeat.
+        raw = [annotation["caption"] for annotation in coco.imgToAnns[image_id]]
         records.append(
             ImageRecord(
                 image_id=int(image_id),
@@ -90,7 +102,9 @@ def load_karpathy_split(
     data = _read_json(split_file, "Karpathy split file")
     entries = _list_field(data, "images", source)
     for i, entry in enumerate(entries):
-        _require(entry, ("filepath", "filename", "cocoid", "split", "sentences"), f"{source}: images[{i}]")
+        _require(
+            entry, ("filepath", "filename", "cocoid", "split", "sentences"), f"{source}: images[{i}]", ints=("cocoid",)
+        )
     _check_unique((entry["cocoid"] for entry in entries), source)
 
     records = []
@@ -135,18 +149,33 @@ def _list_field(data: Any, key: str, source: str) -> list[Any]:
     return data[key]
 
 
-def _require(item: Any, keys: Sequence[str], where: str) -> None:
+def _require(item: Any, keys: Sequence[str], where: str, ints: Sequence[str] = ()) -> None:
+    """`item` is an object with `keys`, of which `ints` hold JSON integers."""
     if not isinstance(item, dict):
         raise ValueError(f"{where} must be a JSON object, got {type(item).__name__}")
     missing = [key for key in keys if key not in item]
     if missing:
         raise ValueError(f"{where} is missing {missing} (needs {list(keys)})")
+    for key in ints:
+        if not isinstance(item[key], int) or isinstance(item[key], bool):
+            raise ValueError(f"{where}: '{key}' must be an integer, got {item[key]!r}")
 
 
 def _check_unique(image_ids: Iterable[Any], source: str) -> None:
     duplicates = sorted(image_id for image_id, count in Counter(image_ids).items() if count > 1)
     if duplicates:
         raise ValueError(f"{source}: duplicate image id {duplicates[0]} ({len(duplicates)} duplicated in all)")
+
+
+def _warn_duplicate_annotation_ids(annotations: list[dict[str, Any]], source: str) -> None:
+    """Repeated annotation ids are harmless here (captions go by image_id) but a sign of a merged or edited file."""
+    duplicates = sorted(i for i, count in Counter(repr(a["id"]) for a in annotations).items() if count > 1)
+    if duplicates:
+        warnings.warn(
+            f"{source}: annotation id {duplicates[0]} is used more than once ({len(duplicates)} repeated ids); "
+            "each caption is kept with its own image_id",
+            stacklevel=3,
+        )
 
 
 def _check_splits(splits: Iterable[str]) -> None:
@@ -156,11 +185,12 @@ def _check_splits(splits: Iterable[str]) -> None:
 
 
 def _clean_captions(raw: Iterable[Any], image_id: int, source: str) -> tuple[str, ...]:
-    """Strip captions; drop empty or non-string ones with a warning naming the image."""
+    """Strip captions; drop non-string ones and those without a word (blank, only punctuation or emoji)
+    with a warning naming the image: they would train the decoder to say nothing."""
     raw = list(raw)
-    captions = tuple(caption.strip() for caption in raw if isinstance(caption, str) and caption.strip())
+    captions = tuple(caption.strip() for caption in raw if isinstance(caption, str) and tokenize(caption))
     if len(captions) < len(raw):
         warnings.warn(
-            f"{source}: image {image_id}: dropped {len(raw) - len(captions)} empty caption(s)", stacklevel=3
+            f"{source}: image {image_id}: dropped {len(raw) - len(captions)} empty caption(s) (no words)", stacklevel=3
         )
     return captions

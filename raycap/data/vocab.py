@@ -1,16 +1,31 @@
-"""Tokenisation and the caption vocabulary."""
+"""Tokenisation and the caption vocabulary.
+
+Non-ASCII captions: text is NFKC-normalised (composed accents, full-width letters folded) and
+lower-cased; a word is a run of Unicode letters and digits with their combining marks ("très",
+"gâteau", "बिल्ली" stay whole), with one optional apostrophe suffix as in English ("man's", also
+with the typographic ’). Punctuation and symbols (—, «», emoji) separate words and are dropped.
+CJK ideographs, which are written without spaces, are one token each, as BERT's basic tokenizer
+does ("黑猫" -> "黑", "猫"), so `Vocab.decode` joins them with spaces. ASCII text takes a fast path
+that gives the same tokens.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+import sys
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-_TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+_ASCII_TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+# CJK Unified Ideographs, extension A, compatibility ideographs, extensions B-F (BERT's ranges).
+_CJK = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f]")
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u02bc": "'"})
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)  # ids 0, 1, 2, 3
@@ -18,8 +33,26 @@ _FORMAT = "raycap-vocab"
 
 
 def tokenize(text: str) -> list[str]:
-    """Lower-case word tokens; punctuation dropped. Needs no downloaded data (unlike nltk's punkt)."""
-    return _TOKEN.findall(text.lower())
+    """Lower-case word tokens, punctuation dropped (see the module doc for non-ASCII); no downloaded data needed."""
+    if text.isascii():
+        return _ASCII_TOKEN.findall(text.lower())
+    text = unicodedata.normalize("NFKC", text).translate(_APOSTROPHES).lower()
+    return _unicode_token().findall(_CJK.sub(r" \g<0> ", text))
+
+
+@functools.cache
+def _unicode_token() -> re.Pattern[str]:
+    """The ASCII pattern over all scripts: letters/digits plus combining marks (`re` has no \\p{M}: built once)."""
+    ranges, start = [], None
+    for code in range(sys.maxunicode + 2):
+        is_mark = code <= sys.maxunicode and unicodedata.category(chr(code)).startswith("M")
+        if is_mark and start is None:
+            start = code
+        elif not is_mark and start is not None:
+            ranges.append(f"{re.escape(chr(start))}-{re.escape(chr(code - 1))}")
+            start = None
+    mark = "".join(ranges)
+    return re.compile(f"[^\\W_](?:[^\\W_]|[{mark}])*(?:'(?:[^\\W\\d_]|[{mark}])+)?")
 
 
 class Vocab:

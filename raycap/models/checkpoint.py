@@ -2,16 +2,21 @@
 
 Layout: `model.safetensors` (decoder weights), `vocab.json`, `meta.json` (encoder/decoder/train
 configs, epoch, metrics) and, for resuming, `optimizer.pt` (tensors and numbers only). Nothing is
-unpickled: weights go through safetensors and the optimizer state through `weights_only=True`.
+unpickled: weights go through safetensors and the optimizer state through `weights_only=True`, so
+a planted pickle is refused, not run. A file that is missing, truncated or malformed raises
+`CheckpointError` naming it, which lets a resume skip a damaged checkpoint for an older one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -21,6 +26,11 @@ from raycap.models.decoders import Decoder, DecoderConfig, build_decoder
 from raycap.models.encoder import EncoderConfig
 
 FORMAT = "raycap-checkpoint-v1"
+T = TypeVar("T")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: a file is missing, truncated or malformed (the message names it)."""
 
 
 @dataclass
@@ -60,22 +70,56 @@ def save_checkpoint(directory: str | Path, model: CaptionModel, optimizer: torch
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> CaptionModel:
     """Load a checkpoint written by `save_checkpoint`; the decoder is in eval mode on `device`."""
     path = Path(directory)
-    meta_file = path / "meta.json"
-    if not meta_file.is_file():
-        raise FileNotFoundError(f"{path} is not a raycap checkpoint: {meta_file.name} is missing")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_file}: unknown checkpoint format {meta.get('format')!r}, expected {FORMAT!r}")
-    vocab = Vocab.load(path / "vocab.json")
-    encoder_cfg = EncoderConfig(**meta["encoder"])
-    decoder_cfg = DecoderConfig(**meta["decoder"])
+    if not (path / "meta.json").is_file():
+        raise CheckpointError(f"{path} is not a raycap checkpoint: meta.json is missing")
+    meta = _read(path / "meta.json", "JSON file", lambda file: json.loads(file.read_text(encoding="utf-8")))
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{path / 'meta.json'}: unknown checkpoint format {found!r}, expected {FORMAT!r}")
+    vocab = _read(path / "vocab.json", "vocabulary", Vocab.load)
+    try:
+        encoder_cfg = EncoderConfig(**meta["encoder"])
+        decoder_cfg = DecoderConfig(**meta["decoder"])
+        epoch, metrics, extra = meta["epoch"], meta["metrics"], meta["extra"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path / 'meta.json'} is malformed: {type(exc).__name__}: {exc}") from exc
     decoder = build_decoder(decoder_cfg, len(vocab), encoder_cfg.feature_dim)
-    decoder.load_state_dict(load_file(str(path / "model.safetensors"), device="cpu"))
+    weights = _read(path / "model.safetensors", "safetensors file", lambda file: load_file(str(file), device="cpu"))
+    try:
+        decoder.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path / 'model.safetensors'} does not fit the decoder in meta.json: {exc}") from exc
     decoder.to(device).eval()
-    return CaptionModel(decoder, vocab, encoder_cfg, decoder_cfg, meta["epoch"], meta["metrics"], meta["extra"])
+    return CaptionModel(decoder, vocab, encoder_cfg, decoder_cfg, epoch, metrics, extra)
 
 
 def load_optimizer_state(directory: str | Path) -> dict[str, Any] | None:
-    """The optimizer state saved with a checkpoint, or None if it has none."""
+    """The optimizer state saved with a checkpoint, or None if it has none; never unpickles objects."""
     file = Path(directory) / "optimizer.pt"
-    return torch.load(file, map_location="cpu", weights_only=True) if file.is_file() else None
+    if not file.is_file():
+        return None
+    return _read(file, "weights-only torch file", _load_tensors)
+
+
+def _load_tensors(file: Path) -> Any:
+    """torch.load that refuses pickled objects (they can run code) with a short reason instead of torch's advice."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        what = found.group(1) if found else "not a tensor or number"
+        raise CheckpointError(
+            f"{file} holds a pickled Python object ({what}): refused, since unpickling it could run code"
+        ) from None
+
+
+def _read(file: Path, what: str, load: Callable[[Path], T]) -> T:
+    """`load(file)`, with any failure raised as a CheckpointError that names the file and the reason."""
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing")
+    try:
+        return load(file)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # each reader fails its own way (JSONDecodeError, SafetensorError, UnpicklingError, ...)
+        raise CheckpointError(f"{file} is not a readable {what}: {type(exc).__name__}: {exc}") from exc
