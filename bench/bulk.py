@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from ray import serve
 
 import serve as serve_bench  # bench/serve.py: its checkpoint, images and HTTP load generator
 from raycap.bulk import BulkConfig, caption_bucket, read_results
-from raycap.serve import deploy, load_config
+from raycap.serve_deploy import deploy, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 PINNED = {"num_replicas": 1, "autoscaling_config": None}

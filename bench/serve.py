@@ -46,7 +46,8 @@ from raycap.data.vocab import Vocab
 from raycap.models.checkpoint import CaptionModel, save_checkpoint
 from raycap.models.decoders import DecoderConfig, build_decoder
 from raycap.models.encoder import EncoderConfig
-from raycap.serve import APP_NAME, deploy, load_config, replica_counts
+from raycap.serve import APP_NAME
+from raycap.serve_deploy import deploy, load_config, replica_counts
 
 REPO = Path(__file__).resolve().parents[1]
 COCO_VOCAB = 9490  # entries in the reference's COCO word map, specials included

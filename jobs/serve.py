@@ -17,7 +17,7 @@ from pathlib import Path
 import ray
 from ray import serve
 
-from raycap.serve import deploy, load_config
+from raycap.serve_deploy import deploy, load_config
 
 CONFIG = Path(__file__).resolve().parents[1] / "serve_config.yaml"
 

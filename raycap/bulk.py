@@ -191,7 +191,7 @@ def ensure_app(cfg: BulkConfig) -> Served:
     Raises ValueError when the running application serves another checkpoint than `cfg.checkpoint`,
     rather than captioning with a model the user did not ask for.
     """
-    from raycap.serve import deploy, load_config  # the Serve stage, imported only when captioning
+    from raycap.serve_deploy import deploy, load_config  # the Serve stage, imported only when captioning
 
     if not _app_running(cfg.app_name):
         if cfg.checkpoint is None:

@@ -19,20 +19,13 @@ HTTP (the ingress, `Captioner`):
     GET  /healthz          liveness, never authenticated
 
 Bad input gets a 4xx with a JSON `detail`: undecodable bytes 400, too large 413, too many images
-413, bad options 422. An oversized body is refused from its declared Content-Length before it is
-sent, or as soon as a chunked one passes the limit; Serve's HTTP proxy reads request bodies ahead
-without a limit of its own, so a fast chunked sender may still push a few tens of MB into it before
-the 413 (put a proxy with a body limit, e.g. nginx `client_max_body_size`, in front if that matters).
+413, bad options 422. Oversized bodies are refused as they stream in (`raycap.serve_http`).
 
 Authentication is off unless the replicas find a token: RAYCAP_API_TOKEN_FILE naming a file that
-holds it (e.g. `runtime_env: {env_vars: {RAYCAP_API_TOKEN_FILE: /etc/raycap/token}}` in
-serve_config.yaml), or RAYCAP_API_TOKEN in the environment Ray was started in. Not RAYCAP_API_TOKEN
-in a runtime_env: Ray logs runtime_env env vars verbatim (runtime_env_agent.log) and `serve config`
-shows them. Then every path but /healthz, the API docs (/docs, /redoc, /openapi.json) included, needs
-`Authorization: Bearer <token>` (the scheme in any case), else 401, checked before routing. To read
-the docs then, fetch the schema with the header (`curl -H "Authorization: Bearer $TOKEN"
-http://HOST:8000/openapi.json`) and open it in any OpenAPI viewer, or let a browser extension add the
-header. Serve's own proxy paths (/-/healthz, /-/routes) are outside the application and stay open.
+holds it, or RAYCAP_API_TOKEN in the environment Ray was started in (`raycap.serve_http` says how,
+and why not in a runtime_env). Then every path but /healthz, the API docs (/docs, /redoc,
+/openapi.json) included, needs `Authorization: Bearer <token>` (the scheme in any case), else 401,
+checked before routing.
 
 The ingress (HTTP and `caption_images` alike) sends an image again when its Encoder or Decoder
 replica dies mid-request (captioning is idempotent; Serve routes the retry to a live replica), up to
@@ -49,38 +42,28 @@ Other Ray code calls the same deployments through handles: the ingress,
 stages, `decoder.caption.remote(encoder.remote(jpeg_bytes), CaptionOptions())` with
 `encoder = serve.get_deployment_handle("Encoder", "raycap")` and the same for "Decoder". The bulk job
 (`raycap.bulk`) decodes on its own CPU workers and sends pixels: `encoder.encode_pixels.remote(array)`.
+To deploy serve_config.yaml from Python, with another checkpoint or port: `raycap.serve_deploy`.
 """
 
 import asyncio
 import dataclasses
 import json
 import logging
-import os
-import secrets
 import tempfile
 import time
-from collections.abc import AsyncIterator, Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import numpy as np
 import torch
-import yaml
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import JSONResponse
-from fastapi.security import HTTPBearer
-from fastapi.security.utils import get_authorization_scheme_param
 from pydantic import BaseModel, ConfigDict, NonNegativeFloat, PositiveInt
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
-from ray.serve.schema import ApplicationStatus, ServeDeploySchema
-from starlette.datastructures import Headers, UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.types import ASGIApp, Receive, Scope, Send
-from starlette.websockets import WebSocketClose
 
 from raycap import storage
 from raycap.data.images import DEFAULT_MAX_PIXELS, ImageError
@@ -88,16 +71,25 @@ from raycap.data.vocab import Vocab
 from raycap.models.beam import Caption, beam_search
 from raycap.models.checkpoint import CaptionModel, load_checkpoint
 from raycap.models.encoder import Encoder, EncoderConfig
+from raycap.serve_http import (
+    MULTI_IMAGE_BODY,
+    MULTIPART_OVERHEAD,
+    SECURED,
+    SINGLE_IMAGE_BODY,
+    BearerTokenAuth,
+    TooManyFiles,
+    api_token,
+    is_multipart,
+    multipart_files,
+    read_body,
+)
 
-APP_NAME = "raycap"
-TOKEN_ENV = "RAYCAP_API_TOKEN"
-TOKEN_FILE_ENV = "RAYCAP_API_TOKEN_FILE"
+APP_NAME = "raycap"  # the application's name in serve_config.yaml
 SWAP_WAIT_S = 30.0  # how long a request waits for Encoder and Decoder to agree after a checkpoint swap
 # Tries per image when its replica dies mid-request (Serve routes each try to a live replica). Two:
 # losing a replica is rare, while an input that kills its replica (an OOM, a crash in a decoder
 # library) would take down one more replica with every further try.
 REPLICA_ATTEMPTS = 2
-MULTIPART_OVERHEAD = 64 * 1024  # bytes of multipart headers and boundaries allowed beyond the images
 BATCH_SIZE_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
 
 logger = logging.getLogger("ray.serve")  # Serve writes this logger to the replica's log file
@@ -429,59 +421,6 @@ class CaptionDecoder:
 
 # --- ingress -----------------------------------------------------------------------------------
 
-UNAUTHORIZED = "missing or wrong bearer token: send 'Authorization: Bearer <token>' with the server's token"
-
-
-def api_token() -> str | None:
-    """The bearer token this process requires: the first line of the file RAYCAP_API_TOKEN_FILE
-    names, else RAYCAP_API_TOKEN; None when neither is set (authentication off)."""
-    path = os.environ.get(TOKEN_FILE_ENV)
-    if not path:
-        return os.environ.get(TOKEN_ENV) or None
-    try:
-        lines = Path(path).expanduser().read_text().splitlines()
-    except OSError as exc:
-        raise ValueError(f"{TOKEN_FILE_ENV}={path}: cannot read the API token file ({exc})") from None
-    if not lines or not lines[0].strip():
-        raise ValueError(f"{TOKEN_FILE_ENV}={path}: the file is empty; put the token on its first line")
-    return lines[0].strip()
-
-
-def _route_path(scope: Scope) -> str:
-    """The path the application routes on: Serve passes a route_prefix other than / as root_path."""
-    path, root = scope["path"], scope.get("root_path", "")
-    return path[len(root) :] if root and path.startswith(root + "/") else path
-
-
-class BearerTokenAuth:
-    """ASGI middleware: when the replica has a token (`api_token`), every request to a path but
-    /healthz needs `Authorization: Bearer <token>`, else 401. It runs before routing, so no route,
-    method, doc page or unknown path answers without the token, and a route added later is covered too."""
-
-    def __init__(self, app: ASGIApp, public: frozenset[str] = frozenset({"/healthz"})) -> None:
-        self.app, self.public = app, public
-        token = api_token()  # built in the replica, on its first request
-        self.token = token.encode() if token else None
-
-    def _authorized(self, scope: Scope) -> bool:
-        scheme, credentials = get_authorization_scheme_param(Headers(scope=scope).get("authorization"))
-        return scheme.lower() == "bearer" and secrets.compare_digest(credentials.encode(), self.token or b"")
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            self.token is None
-            or scope["type"] not in ("http", "websocket")
-            or _route_path(scope) in self.public
-            or self._authorized(scope)
-        ):
-            await self.app(scope, receive, send)
-        elif scope["type"] == "websocket":
-            await WebSocketClose(code=1008)(scope, receive, send)  # 1008: policy violation
-        else:
-            response = JSONResponse({"detail": UNAUTHORIZED}, 401, headers={"WWW-Authenticate": "Bearer"})
-            await response(scope, receive, send)
-
-
 api = FastAPI(
     title="raycap",
     summary="Image captioning (Show, Attend and Tell) on Ray Serve",
@@ -491,29 +430,6 @@ api = FastAPI(
     ),
 )
 api.add_middleware(BearerTokenAuth)
-bearer = HTTPBearer(auto_error=False, description=f"the server's {TOKEN_FILE_ENV} or {TOKEN_ENV}")
-SECURED = [Depends(bearer)]  # declares the scheme in the OpenAPI schema; BearerTokenAuth enforces it
-_IMAGE_BODY = {"type": "string", "format": "binary"}
-_SINGLE_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "image/*": {"schema": _IMAGE_BODY},
-            "application/octet-stream": {"schema": _IMAGE_BODY},
-            "multipart/form-data": {"schema": {"type": "object", "properties": {"image": _IMAGE_BODY}}},
-        },
-    }
-}
-_BATCH_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {"type": "object", "properties": {"images": {"type": "array", "items": _IMAGE_BODY}}}
-            }
-        },
-    }
-}
 
 
 def caption_options(
@@ -545,49 +461,6 @@ def _outcome(exc: BaseException) -> str:
     """The `raycap_captions` outcome of a failed caption request."""
     kinds = {ImageError: "bad_image", InvalidOptions: "invalid_options", LimitExceeded: "too_large"}
     return next((outcome for kind, outcome in kinds.items() if isinstance(exc, kind)), "error")
-
-
-async def _body_chunks(request: Request, limit: int) -> AsyncIterator[bytes]:
-    """The request body as it arrives, refused with 413 from its declared Content-Length, or as soon
-    as more than `limit` bytes have come: the app never holds an oversized upload whole."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes")
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPException(413, f"request body exceeds the limit of {limit} bytes")
-        yield chunk
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The whole request body, at most `limit` bytes (else 413)."""
-    return b"".join([chunk async for chunk in _body_chunks(request, limit)])
-
-
-async def _multipart_files(request: Request, limit: int, max_files: int) -> list[bytes]:
-    """The content of each file in a multipart/form-data body of at most `limit` bytes (else 413),
-    in order; other fields ignored. Parsed as it streams in, files spooled to disk past 1 MiB.
-    Raises LimitExceeded at the file after `max_files`: every part costs the parser far more than
-    its bytes (a body of empty parts takes ~1 s of CPU and ~20 MiB of memory per MiB)."""
-    stream = _body_chunks(request, limit)
-    try:
-        form = await MultiPartParser(request.headers, stream, max_files=max_files, max_fields=1000).parse()
-    except MultiPartException as exc:
-        if exc.message.startswith("Too many files"):  # Starlette's words for a file beyond max_files
-            raise LimitExceeded(
-                f"more than {max_files} image files, over the limit of {max_files} per request"
-            ) from None
-        raise HTTPException(400, f"malformed multipart/form-data body: {exc.message}") from None
-    try:
-        return [await value.read() for _, value in form.multi_items() if isinstance(value, UploadFile)]
-    finally:
-        await form.close()
-
-
-def _is_multipart(headers: Headers) -> bool:
-    return headers.get("content-type", "").lower().startswith("multipart/form-data")
 
 
 @serve.deployment(name="Captioner", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.1})
@@ -687,28 +560,28 @@ class Captioner:
     async def model_info(self) -> ModelInfo:
         return await self.decoder.info.remote()
 
-    @api.post("/caption", response_model_exclude_none=True, openapi_extra=_SINGLE_BODY, dependencies=SECURED)
+    @api.post("/caption", response_model_exclude_none=True, openapi_extra=SINGLE_IMAGE_BODY, dependencies=SECURED)
     async def caption(self, request: Request, options: Options) -> CaptionResponse:
         limit = self.args.max_image_bytes
-        if not _is_multipart(request.headers):
-            return (await self._http_caption([await _read_body(request, limit)], options))[0]
+        if not is_multipart(request.headers):
+            return (await self._http_caption([await read_body(request, limit)], options))[0]
         try:
-            files = await _multipart_files(request, limit + MULTIPART_OVERHEAD, max_files=1)
-        except LimitExceeded:
+            files = await multipart_files(request, limit + MULTIPART_OVERHEAD, max_files=1)
+        except TooManyFiles:
             raise HTTPException(400, "expected one image file, got several: use /caption/batch for several") from None
         if not files:
             raise HTTPException(400, "expected one image file, got none")
         return (await self._http_caption(files, options))[0]
 
-    @api.post("/caption/batch", response_model_exclude_none=True, openapi_extra=_BATCH_BODY, dependencies=SECURED)
+    @api.post("/caption/batch", response_model_exclude_none=True, openapi_extra=MULTI_IMAGE_BODY, dependencies=SECURED)
     async def caption_batch(self, request: Request, options: Options) -> BatchResponse:
-        if not _is_multipart(request.headers):
+        if not is_multipart(request.headers):
             raise HTTPException(415, "send the images as files of a multipart/form-data body")
         a = self.args
         limit, max_files = a.max_images_per_request * a.max_image_bytes + MULTIPART_OVERHEAD, a.max_images_per_request
         try:
-            files = await _multipart_files(request, limit, max_files)
-        except LimitExceeded as exc:
+            files = await multipart_files(request, limit, max_files)
+        except TooManyFiles as exc:
             raise HTTPException(413, str(exc)) from None
         if not files:
             raise HTTPException(400, "no image files in the multipart/form-data body")
@@ -720,84 +593,3 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     limits = AppArgs.model_validate(args)
     return Captioner.bind(ImageEncoder.bind(limits.max_pixels), CaptionDecoder.bind(), limits)
 
-
-# --- config files ------------------------------------------------------------------------------
-
-
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """`base` updated by `override`, dicts merged key by key; a None value removes the key."""
-    out = dict(base)
-    for key, value in override.items():
-        if value is None:
-            out.pop(key, None)
-        elif isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def load_config(
-    path: str | Path,
-    checkpoint: str | None = None,
-    port: int | None = None,
-    overrides: dict[str, Any] | None = None,
-) -> ServeDeploySchema:
-    """A config file for this application, validated by Ray Serve's own schema, with overrides:
-    `checkpoint` for both Encoder and Decoder, the HTTP `port`, and `overrides` merged into the
-    application entry (`deployments` by name, e.g. {"deployments": {"Decoder": {"num_replicas": 1}}})."""
-    raw = yaml.safe_load(Path(path).read_text())
-    apps = raw.get("applications") or []
-    if len(apps) != 1:
-        raise ValueError(f"{path}: expected exactly one application, found {len(apps)}")
-    app = dict(apps[0])
-    extra = dict(overrides or {})
-    by_name = extra.pop("deployments", {})
-    if checkpoint is not None:
-        for name in ("Encoder", "Decoder"):
-            by_name = _merge(by_name, {name: {"user_config": {"checkpoint": checkpoint}}})
-    app = _merge(app, extra)
-    deployments = {d["name"]: d for d in app.get("deployments", [])}
-    for name, options in by_name.items():
-        deployments[name] = _merge(deployments.get(name, {"name": name}), options)
-    app["deployments"] = list(deployments.values())
-    if port is not None:
-        raw = _merge(raw, {"http_options": {"port": port}})
-    return ServeDeploySchema.model_validate({**raw, "applications": [app]})
-
-
-def deploy(config: ServeDeploySchema, timeout_s: float = 300.0) -> str:
-    """Apply `config` to the Ray this process is connected to, as `serve run serve_config.yaml` does,
-    wait until its application runs, and return its base URL."""
-    # Serve has no public Python call that applies a config file; this is the CLI's own path
-    # (ray/serve/scripts.py: serve_start, then deploy_apps).
-    from ray.serve._private.api import serve_start
-
-    client = serve_start(
-        http_options=config.http_options.model_dump(),
-        proxy_location=config.proxy_location,
-        grpc_options=config.grpc_options.model_dump(),
-    )
-    client.deploy_apps(config)
-    app = config.applications[0]
-    deadline = time.monotonic() + timeout_s
-    while True:
-        status = serve.status().applications.get(app.name)
-        if status is not None and status.status == ApplicationStatus.RUNNING:
-            break
-        if status is not None and status.status in (ApplicationStatus.DEPLOY_FAILED, ApplicationStatus.UNHEALTHY):
-            raise RuntimeError(f"application {app.name!r} failed to deploy: {status.message}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"application {app.name!r} not running after {timeout_s:.0f} s: {status}")
-        time.sleep(0.5)
-    host = config.http_options.host
-    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    return f"http://{host}:{config.http_options.port}{(app.route_prefix or '/').rstrip('/')}"
-
-
-def replica_counts(app_name: str = APP_NAME) -> dict[str, int]:
-    """Running replicas per deployment of an application (for watching autoscaling)."""
-    status = serve.status().applications.get(app_name)
-    if status is None:
-        return {}
-    return {name: d.replica_states.get("RUNNING", 0) for name, d in status.deployments.items()}

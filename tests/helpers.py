@@ -1,14 +1,26 @@
-"""Small builders shared by test modules: images, hostile files, random-weight checkpoints, ports.
+"""Builders shared by test modules: images, hostile files, random-weight checkpoints, ports, a
+separate Ray cluster for `ray job submit`.
 
 Importable as `helpers` from any test module (tests/conftest.py's folder is on sys.path).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import shutil
+import signal
 import socket
 import struct
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
 import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -80,10 +92,67 @@ def free_port() -> int:
 def deploy_pinned(checkpoint: str, max_len: int) -> str:
     """The repo's serve_config.yaml on the session's Ray with one Encoder and one Decoder replica,
     captions of at most `max_len` words and a free port; returns the base URL."""
-    from raycap.serve import deploy, load_config
+    from raycap.serve_deploy import deploy, load_config
 
     overrides = {
         "deployments": {"Encoder": PINNED, "Decoder": {**PINNED, "user_config": {"max_len": max_len}}},
         "logging_config": {"enable_access_log": False},
     }
     return deploy(load_config(SERVE_CONFIG, checkpoint=checkpoint, port=free_port(), overrides=overrides))
+
+
+@contextmanager
+def ray_head(log: Path, env: dict[str, str], num_cpus: int = 4, timeout_s: float = 180) -> Iterator[str]:
+    """A separate local Ray cluster (`ray start --head --block`) for `ray job submit`; yields its
+    dashboard address. Stopping its process group stops this cluster only, where `ray stop` would
+    also stop the test session's own Ray."""
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    dashboard = free_port()
+    address = f"http://127.0.0.1:{dashboard}"
+    temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    head = [
+        ray_cli, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}", f"--num-cpus={num_cpus}",
+        "--object-store-memory=500000000", f"--temp-dir={temp_dir}",
+    ]  # fmt: skip
+    with log.open("w") as out:
+        cluster = subprocess.Popen(head, env={**env, "RAY_ADDRESS": ""}, start_new_session=True, stdout=out,
+                                   stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.time() + timeout_s
+        while True:
+            if cluster.poll() is not None:
+                raise RuntimeError(f"ray start exited with {cluster.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2).read()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise TimeoutError(f"Ray dashboard at {address} not up after {timeout_s}s") from None
+                time.sleep(1)
+        yield address
+    finally:
+        os.killpg(cluster.pid, signal.SIGTERM)
+        try:
+            cluster.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):  # what ignored SIGTERM
+            os.killpg(cluster.pid, signal.SIGKILL)
+        cluster.wait(timeout=30)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def submit_job(address: str, entrypoint: list[str], env: dict[str, str], cwd: Path, timeout_s: float = 600,
+               extra: Sequence[str] = ()) -> subprocess.CompletedProcess:  # fmt: skip
+    """`ray job submit --address ... [extra] -- entrypoint`, as a user runs it from `cwd`; retried
+    while the job agent is still starting (it comes up some seconds after the dashboard)."""
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    command = [ray_cli, "job", "submit", f"--address={address}", *extra, "--", *entrypoint]
+    deadline = time.time() + 120
+    while True:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s, cwd=cwd)
+        if done.returncode == 0 or "No available agent" not in done.stderr or time.time() > deadline:
+            return done
+        time.sleep(3)

@@ -25,16 +25,9 @@ from raycap import storage
 from raycap.models.beam import beam_search
 from raycap.models.checkpoint import CaptionModel, load_checkpoint
 from raycap.models.encoder import Encoder
-from raycap.serve import (
-    APP_NAME,
-    TOKEN_ENV,
-    AppArgs,
-    CaptionOptions,
-    DecoderSettings,
-    EncoderSettings,
-    deploy,
-    load_config,
-)
+from raycap.serve import APP_NAME, AppArgs, CaptionOptions, DecoderSettings, EncoderSettings
+from raycap.serve_deploy import deploy, load_config
+from raycap.serve_http import TOKEN_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "serve_config.yaml"

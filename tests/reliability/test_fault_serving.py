@@ -34,7 +34,9 @@ from PIL import Image
 from ray import serve
 
 from raycap.data.images import decode_image
-from raycap.serve import APP_NAME, TOKEN_FILE_ENV, api, deploy, load_config, replica_counts
+from raycap.serve import APP_NAME, api
+from raycap.serve_deploy import deploy, load_config, replica_counts
+from raycap.serve_http import TOKEN_FILE_ENV
 
 CONFIG = Path(__file__).resolve().parents[2] / "serve_config.yaml"
 TOKEN = f"fault-{secrets.token_hex(16)}"  # fresh per run: any copy found in the logs is this run's
