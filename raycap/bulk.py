@@ -35,6 +35,7 @@ from ray.data import ActorPoolStrategy
 
 from raycap import storage
 from raycap.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
+from raycap.serve_schema import CaptionOptions  # not raycap.serve: client actors need no torch
 
 RESULTS_DIR = "results"
 SUMMARY_FILE = "summary.json"
@@ -256,8 +257,6 @@ class CaptionClient:
     Decoder (all at once, so the batch is in flight together) and retries failed requests."""
 
     def __init__(self, app_name: str, beam_size: int, retries: int, timeout_s: float) -> None:
-        from raycap.serve import CaptionOptions
-
         self.encoder = serve.get_deployment_handle("Encoder", app_name)
         self.decoder = serve.get_deployment_handle("Decoder", app_name)
         self.options = CaptionOptions(beam_size=beam_size)

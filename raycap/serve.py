@@ -83,6 +83,16 @@ from raycap.serve_http import (
     multipart_files,
     read_body,
 )
+from raycap.serve_schema import (
+    BatchResponse,
+    Beam,
+    CaptionOptions,
+    CaptionResponse,
+    InvalidOptions,
+    LimitExceeded,
+    ModelInfo,
+    ModelMismatch,
+)
 
 APP_NAME = "raycap"  # the application's name in serve_config.yaml
 SWAP_WAIT_S = 30.0  # how long a request waits for Encoder and Decoder to agree after a checkpoint swap
@@ -126,58 +136,6 @@ class DecoderSettings(EncoderSettings):
 
     model_name: str | None = None  # reported as `model`; default: the checkpoint folder's name
     max_len: PositiveInt = 50  # words per caption at most
-
-
-@dataclasses.dataclass(frozen=True)
-class CaptionOptions:
-    """Per-request decoding options."""
-
-    beam_size: int = 3
-    num_captions: int = 1  # best captions to return, <= beam_size
-    attention: bool = False  # return attention maps (attention decoder only)
-
-
-class InvalidOptions(ValueError):
-    """Caption options outside what the application allows; the message says which and why."""
-
-
-class LimitExceeded(ValueError):
-    """Too many images, or an image too large, for the application's limits."""
-
-
-class ModelMismatch(RuntimeError):
-    """Features made by an encoder that none of the Decoder's loaded checkpoints was trained with."""
-
-
-# --- responses ---------------------------------------------------------------------------------
-
-
-class Beam(BaseModel):
-    caption: str
-    score: float  # log-probability of the words and <end>
-    attention: list[list[list[float]]] | None = None  # (words, grid, grid): where each word looked
-
-
-class CaptionResponse(BaseModel):
-    caption: str
-    score: float
-    model: str
-    beams: list[Beam] | None = None  # all num_captions captions, best first, when num_captions > 1
-    attention: list[list[list[float]]] | None = None  # the best caption's, when asked for
-
-
-class BatchResponse(BaseModel):
-    results: list[CaptionResponse]  # in upload order
-
-
-class ModelInfo(BaseModel):
-    model: str
-    checkpoint: str
-    vocab_size: int
-    encoder: dict[str, Any]
-    decoder: dict[str, Any]
-    epoch: int
-    metrics: dict[str, Any]
 
 
 # --- checkpoints -------------------------------------------------------------------------------

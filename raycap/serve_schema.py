@@ -1,0 +1,59 @@
+"""The serving API's data: request options, responses and errors, apart from the deployments.
+
+It imports no torch, so code that only calls the deployments through handles (the bulk job's
+client actors) starts fast; `raycap.serve` builds its deployments on these.
+"""
+
+import dataclasses
+from typing import Any
+
+from pydantic import BaseModel
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionOptions:
+    """Per-request decoding options."""
+
+    beam_size: int = 3
+    num_captions: int = 1  # best captions to return, <= beam_size
+    attention: bool = False  # return attention maps (attention decoder only)
+
+
+class InvalidOptions(ValueError):
+    """Caption options outside what the application allows; the message says which and why."""
+
+
+class LimitExceeded(ValueError):
+    """Too many images, or an image too large, for the application's limits."""
+
+
+class ModelMismatch(RuntimeError):
+    """Features made by an encoder that none of the Decoder's loaded checkpoints was trained with."""
+
+
+class Beam(BaseModel):
+    caption: str
+    score: float  # log-probability of the words and <end>
+    attention: list[list[list[float]]] | None = None  # (words, grid, grid): where each word looked
+
+
+class CaptionResponse(BaseModel):
+    caption: str
+    score: float
+    model: str
+    beams: list[Beam] | None = None  # all num_captions captions, best first, when num_captions > 1
+    attention: list[list[list[float]]] | None = None  # the best caption's, when asked for
+
+
+class BatchResponse(BaseModel):
+    results: list[CaptionResponse]  # in upload order
+
+
+class ModelInfo(BaseModel):
+    model: str
+    checkpoint: str
+    vocab_size: int
+    encoder: dict[str, Any]
+    decoder: dict[str, Any]
+    epoch: int
+    metrics: dict[str, Any]
