@@ -17,6 +17,8 @@ from pathlib import Path
 import ray
 from ray import serve
 
+from raycap.config import print_config, run_job
+from raycap.serve import checkpoint_encoder_config
 from raycap.serve_deploy import deploy, load_config
 
 CONFIG = Path(__file__).resolve().parents[1] / "serve_config.yaml"
@@ -33,7 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
+    checkpoint_encoder_config(a.checkpoint)  # a missing or foreign checkpoint fails here, before Ray starts
     config = load_config(a.config, checkpoint=a.checkpoint, port=a.port)
+    print_config("serve", config.model_dump(exclude_unset=True))
     ray.init(address=a.address)
     url = deploy(config)
     print(f"[raycap] serving {a.checkpoint} at {url}/caption (API docs: {url}/docs); Ctrl-C stops", flush=True)
@@ -45,4 +49,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main)

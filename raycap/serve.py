@@ -182,6 +182,8 @@ def load_model(checkpoint: str, name: str | None = None) -> LoadedModel:
 def checkpoint_encoder_config(checkpoint: str) -> EncoderConfig:
     """The encoder config a checkpoint was trained with, read from its meta.json alone."""
     meta_uri = storage.join(checkpoint, "meta.json")
+    if not storage.exists(meta_uri):
+        raise FileNotFoundError(f"no raycap checkpoint at {checkpoint}: {meta_uri} does not exist")
     meta = json.loads(storage.read_bytes(meta_uri))
     if "encoder" not in meta:
         raise ValueError(f"{meta_uri} has no 'encoder' section: is {checkpoint} a raycap checkpoint?")

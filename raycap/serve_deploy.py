@@ -78,7 +78,8 @@ def deploy(config: ServeDeploySchema, timeout_s: float = 300.0) -> str:
         if status is not None and status.status == ApplicationStatus.RUNNING:
             break
         if status is not None and status.status in (ApplicationStatus.DEPLOY_FAILED, ApplicationStatus.UNHEALTHY):
-            raise RuntimeError(f"application {app.name!r} failed to deploy: {status.message}")
+            causes = "; ".join(f"{name}: {d.message}" for name, d in status.deployments.items() if d.message)
+            raise RuntimeError(f"application {app.name!r} failed to deploy: {status.message} {causes}".rstrip())
         if time.monotonic() > deadline:
             raise TimeoutError(f"application {app.name!r} not running after {timeout_s:.0f} s: {status}")
         time.sleep(0.5)

@@ -385,7 +385,7 @@ def test_run_with_s3_storage_keeps_the_secret_key_out_of_output_and_logs(
     epoch_lines = _session_log_lines("[raycap] attention epoch 1/1")
     captured = capfd.readouterr()
     output = captured.out + captured.err
-    assert "[raycap] training attention:" in output and epoch_lines  # what was searched is the job's output
+    assert "[raycap] training attention as run" in output and epoch_lines  # what was searched is the job's output
     assert s3_server.secret_key not in output
     assert not _session_log_lines(s3_server.secret_key, timeout_s=0)
     # TensorBoard events reached the bucket and read back.
