@@ -14,10 +14,10 @@ import argparse
 import time
 from pathlib import Path
 
-import ray
 from ray import serve
 
 from raycap.config import print_config, run_job
+from raycap.runtime import init_ray
 from raycap.serve import checkpoint_encoder_config
 from raycap.serve_deploy import deploy, load_config
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint_encoder_config(a.checkpoint)  # a missing or foreign checkpoint fails here, before Ray starts
     config = load_config(a.config, checkpoint=a.checkpoint, port=a.port)
     print_config("serve", config.model_dump(exclude_unset=True))
-    ray.init(address=a.address)
+    init_ray(a.address)
     url = deploy(config)
     print(f"[raycap] serving {a.checkpoint} at {url}/caption (API docs: {url}/docs); Ctrl-C stops", flush=True)
     try:

@@ -23,7 +23,7 @@ import json
 import secrets
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -35,6 +35,7 @@ from ray.data import ActorPoolStrategy
 
 from raycap import storage
 from raycap.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
+from raycap.runtime import init_ray
 from raycap.serve_schema import CaptionOptions  # not raycap.serve: client actors need no torch
 
 RESULTS_DIR = "results"
@@ -408,6 +409,7 @@ def caption_bucket(cfg: BulkConfig) -> BulkSummary:
     and `summary.json` under `cfg.out`. Uses the running Ray cluster, or starts one (RAY_ADDRESS is
     honoured), and the running Serve application, or deploys it (`ensure_app`)."""
     start = time.perf_counter()
+    cfg = replace(cfg, source=storage.absolute(cfg.source), out=storage.absolute(cfg.out))  # as keys, and for workers
     listed, matched = list_sources(cfg)
     done = set(read_results(cfg.out, cfg.s3_endpoint).column("key").to_pylist())
     remaining = [f for f in matched if f.uri not in done]
@@ -418,8 +420,7 @@ def caption_bucket(cfg: BulkConfig) -> BulkSummary:
         summary.pending = len(remaining)
         summary.elapsed_s = time.perf_counter() - start
         return summary
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
     served = ensure_app(cfg)
     summary.model, summary.checkpoint = served.name, served.checkpoint
     writer = ShardWriter(cfg)

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import ray
 
 from raycap.data.synthetic import generate, load_ground_truth, names_objects_correctly
 from raycap.evaluate import evaluate_checkpoint, metrics_table
@@ -21,6 +20,7 @@ from raycap.features import ExtractConfig, extract_features
 from raycap.models.decoders import DecoderConfig
 from raycap.models.encoder import EncoderConfig
 from raycap.recipe import TrainConfig
+from raycap.runtime import init_ray
 from raycap.train import TrainJobConfig, train_models
 
 
@@ -38,18 +38,11 @@ class DemoConfig:
     beam_size: int = 3
 
 
-def start_local_ray() -> None:
-    """Local Ray with headroom on a small machine: more logical CPUs than cores so that Ray Data's
-    read tasks are never starved by actors and Train workers, and a capped object store."""
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, object_store_memory=1_500_000_000, include_dashboard=False)
-
-
 def run_demo(cfg: DemoConfig) -> dict[str, dict[str, float]]:
     """Run every stage, print the metrics table for both models, and return it."""
     out = Path(cfg.out).resolve()
     timings: dict[str, float] = {}
-    start_local_ray()
+    init_ray()
 
     t0 = time.time()
     data = generate(out / "coco", cfg.n_train, cfg.n_val, cfg.seed)

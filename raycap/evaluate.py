@@ -20,9 +20,9 @@ from PIL import Image, ImageDraw, ImageFont
 from raycap import feature_store as fstore
 from raycap import storage
 from raycap.data.images import load_image
+from raycap.metrics import score_captions
 from raycap.models.checkpoint import CaptionModel, load_checkpoint
 from raycap.recipe import caption_features
-from raycap.metrics import score_captions
 
 PANEL = 160  # pixels per picture panel
 

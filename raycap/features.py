@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import pyarrow as pa
 import ray
@@ -34,6 +34,7 @@ from raycap.data.vocab import Vocab
 from raycap.feature_batches import FeatureEncoder, FeatureSink, decode_batch
 from raycap.feature_store import FeatureSpec
 from raycap.models.encoder import EncoderConfig
+from raycap.runtime import init_ray
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 VOCAB_SPLITS = ("train", "restval")  # Karpathy's training splits: the vocabulary sees no val/test caption
@@ -201,6 +202,8 @@ def extract_features(cfg: ExtractConfig) -> ExtractResult:
     Uses the running Ray cluster, or starts one (RAY_ADDRESS is honoured).
     """
     start = time.perf_counter()
+    local = {k: storage.absolute(v) for k in ("out", "coco_root", "karpathy_file", "images") if (v := getattr(cfg, k))}
+    cfg = replace(cfg, **local)  # Ray tasks may run in other folders
     spec = FeatureSpec(cfg.encoder, cfg.dtype)
     records = load_records(cfg, cfg.splits)
     vocab = None
@@ -223,8 +226,7 @@ def extract_features(cfg: ExtractConfig) -> ExtractResult:
 
 def _run_pipeline(cfg: ExtractConfig, spec: FeatureSpec, records: list[ImageRecord]) -> dict[str, Counter]:
     """Decode (tasks) -> encode (actor pool) -> publish shards; returns this run's counts per split."""
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
     pool_size, resources = _encoder_resources(cfg)
     rows = pa.table(
         {

@@ -73,6 +73,12 @@ def filesystem(uri: str, endpoint: str | None = None) -> tuple[pafs.FileSystem, 
     return _s3_filesystem(s3_endpoint(endpoint), _region()), f"{bucket}/{key}".rstrip("/")
 
 
+def absolute(uri: str) -> str:
+    """``uri`` unchanged if it is s3://, else as an absolute local path (``~`` expanded): paths that
+    travel to Ray workers must not depend on the worker's current directory."""
+    return uri if is_s3(uri) else os.path.abspath(os.path.expanduser(uri))
+
+
 def s3_client(endpoint: str | None = None) -> BaseClient:
     """A boto3 S3 client for the same endpoint, region and credential chain as :func:`filesystem`."""
     url = s3_endpoint(endpoint)

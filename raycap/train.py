@@ -30,7 +30,6 @@ import functools
 import json
 import logging
 import math
-import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -59,6 +58,7 @@ from raycap.models.checkpoint import (
 )
 from raycap.models.decoders import DecoderConfig, build_decoder
 from raycap.recipe import Plateau, TrainConfig, decay_lr, train_epoch, validate
+from raycap.runtime import init_ray
 
 STATE_FILE = "train_state.json"
 TENSORBOARD_DIR = "tensorboard"
@@ -193,9 +193,7 @@ def _weighted_mean(value: float, weight: int, device: torch.device) -> float:
 
 def storage_root(cfg: TrainJobConfig) -> str:
     """`storage_path` as an s3:// prefix or an absolute folder (Ray Train needs absolute local paths)."""
-    if storage.is_s3(cfg.storage_path):
-        return cfg.storage_path
-    return os.path.abspath(os.path.expanduser(cfg.storage_path))
+    return storage.absolute(cfg.storage_path)
 
 
 def run_uri(cfg: TrainJobConfig) -> str:
@@ -358,8 +356,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 def train(cfg: TrainJobConfig) -> TrainOutcome:
     """Run (or resume) one training run on the current Ray cluster; returns where results went."""
-    if not ray.is_initialized():
-        ray.init()
+    cfg = dataclasses.replace(cfg, features=storage.absolute(cfg.features))  # workers run in other folders
+    init_ray()
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     root = storage_root(cfg)
     filesystem, storage_path = storage.filesystem(root, cfg.s3_endpoint) if storage.is_s3(root) else (None, root)
