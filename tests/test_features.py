@@ -4,10 +4,8 @@ on a small synthetic COCO set, locally and through the session's S3 server."""
 from __future__ import annotations
 
 import io
-import struct
 import subprocess
 import sys
-import zlib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from helpers import png_header
 from PIL import Image
 
 from raycap import feature_store as fstore
@@ -23,8 +22,8 @@ from raycap import storage
 from raycap.data.coco import ImageRecord
 from raycap.data.images import load_image
 from raycap.data.synthetic import SyntheticSet, generate
-from raycap.feature_store import FeatureSpec
 from raycap.feature_batches import FeatureEncoder, decode_batch
+from raycap.feature_store import FeatureSpec
 from raycap.features import (
     ExtractConfig,
     extract_features,
@@ -70,17 +69,6 @@ def _jpeg(mode: str, colour: int | tuple[int, ...]) -> bytes:
     return buffer.getvalue()
 
 
-def _png_header(width: int, height: int) -> bytes:
-    """A tiny PNG that declares width x height, like a decompression bomb's header."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    idat = zlib.compress(b"\x00" * 64)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
 def _bad_and_odd_files(synthetic: SyntheticSet) -> tuple[dict[str, bytes], dict[str, str], dict[str, str]]:
     """Files to extract, the error each bad one must give, and the mode each odd one converts from."""
     good = sorted((synthetic.root / "train2017").glob("*.jpg"))[:3]
@@ -92,7 +80,7 @@ def _bad_and_odd_files(synthetic: SyntheticSet) -> tuple[dict[str, bytes], dict[
         "bad/empty.jpg": b"",
         "bad/notes.jpg": b"these are notes, not a photo\n",
         "bad/truncated.jpg": whole[: len(whole) // 2],
-        "bad/bomb.png": _png_header(100_000, 100_000),
+        "bad/bomb.png": png_header(100_000, 100_000),
         "odd/grey.jpg": _jpeg("L", 128),
         "odd/cmyk.jpg": _jpeg("CMYK", (0, 255, 255, 0)),
         "odd/rgba.png": rgba.getvalue(),
