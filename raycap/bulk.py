@@ -427,13 +427,14 @@ def caption_bucket(cfg: BulkConfig) -> BulkSummary:
     print(f"[raycap] bulk: {len(todo)} files to caption with {served.name} ({served.checkpoint}); "
           f"{summary.already_done} already done", flush=True)  # fmt: skip
     last_report = time.monotonic()
-    if todo:
-        for rows in _pipeline(cfg, todo, served):
+    try:
+        for rows in _pipeline(cfg, todo, served) if todo else ():
             writer.add(rows)
             if time.monotonic() - last_report > 10:
                 _progress(writer, len(todo), start)
                 last_report = time.monotonic()
-        writer.commit()
+    finally:
+        writer.commit()  # rows captioned before a Ctrl-C or a failure are kept, not redone
     summary.new_ok, summary.new_failed, summary.shards = writer.ok, writer.failed, writer.shards
     summary.elapsed_s = time.perf_counter() - start
     summary.images_per_s = (writer.ok + writer.failed) / summary.elapsed_s
