@@ -130,11 +130,6 @@ class BulkSummary:
 # --- listing and resume ------------------------------------------------------------------------
 
 
-def _relative(uri: str, prefix: str, endpoint: str | None) -> str:
-    base = storage.filesystem(prefix, endpoint)[1].rstrip("/") + "/"
-    return storage.filesystem(uri, endpoint)[1][len(base) :]
-
-
 def select(relative_keys: Sequence[str], include: Sequence[str], exclude: Sequence[str]) -> list[bool]:
     """Which keys pass the filters: any `include` pattern (all when none) and no `exclude` one.
     Patterns are shell globs (fnmatch) where `*` also matches `/`: `*.jpg` matches `a/b.jpg`."""
@@ -151,9 +146,9 @@ def list_sources(cfg: BulkConfig) -> tuple[int, list[storage.FileInfo]]:
     if not storage.exists(cfg.source, cfg.s3_endpoint):
         raise FileNotFoundError(f"source {cfg.source} does not exist (or holds no file yet)")
     files = storage.list_files(cfg.source, None, cfg.s3_endpoint)
-    out = storage.filesystem(cfg.out, cfg.s3_endpoint)[1].rstrip("/") + "/"
-    inside = [f for f in files if not storage.filesystem(f.uri, cfg.s3_endpoint)[1].startswith(out)]
-    relative = [_relative(f.uri, cfg.source, cfg.s3_endpoint) for f in inside]
+    out = storage.absolute(cfg.out).rstrip("/") + "/"  # spelt as list_files spells URIs
+    inside = [f for f in files if not f.uri.startswith(out)]
+    relative = storage.relative_keys(cfg.source, [f.uri for f in inside], cfg.s3_endpoint)
     return len(files), [f for f, keep in zip(inside, select(relative, cfg.include, cfg.exclude)) if keep]
 
 

@@ -116,12 +116,8 @@ def list_image_records(prefix: str, split: str, endpoint: str | None = None) -> 
     files = storage.list_files(prefix, IMAGE_SUFFIXES, endpoint)
     if not files:
         raise FileNotFoundError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {prefix}")
-    base = storage.filesystem(prefix, endpoint)[1].rstrip("/") + "/"
-    records = []
-    for info in files:
-        relative = storage.filesystem(info.uri, endpoint)[1][len(base) :]
-        records.append(ImageRecord(image_id_for_key(relative), info.uri, 0, 0, (), split))
-    return records
+    keys = storage.relative_keys(prefix, [f.uri for f in files], endpoint)
+    return [ImageRecord(image_id_for_key(key), f.uri, 0, 0, (), split) for f, key in zip(files, keys)]
 
 
 @contextmanager

@@ -198,6 +198,12 @@ def list_files(prefix: str, suffixes: Sequence[str] | None = None, endpoint: str
     return sorted(files, key=lambda f: f.uri)
 
 
+def relative_keys(prefix: str, uris: Sequence[str], endpoint: str | None = None) -> list[str]:
+    """Each URI of :func:`list_files` under ``prefix`` as a key relative to it (``a/b.jpg``)."""
+    base = filesystem(prefix, endpoint)[1].rstrip("/") + "/"
+    return [filesystem(uri, endpoint)[1][len(base) :] for uri in uris]
+
+
 def ensure_dir(uri: str) -> None:
     """Create a local directory and its parents; S3 needs none, so a no-op there."""
     if not is_s3(uri):

@@ -204,3 +204,19 @@ def ray_session(s3_server: S3Server) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_features(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Features of a 32/8-image synthetic COCO set (resnet18, 3x3 grid), extracted once for the
+    training tests."""
+    from raycap.data.synthetic import generate
+    from raycap.features import ExtractConfig, extract_features
+    from raycap.models.encoder import EncoderConfig
+
+    root = tmp_path_factory.mktemp("tiny_features")
+    data = generate(root / "coco", n_train=32, n_val=8, seed=3)
+    out = str(root / "features")
+    encoder = EncoderConfig("resnet18", "none", grid=3, image_size=64)
+    extract_features(ExtractConfig(out=out, coco_root=str(data.root), encoder=encoder, min_freq=1))
+    return out

@@ -20,6 +20,7 @@ from raycap.bulk import (
     BulkConfig,
     ShardWriter,
     caption_bucket,
+    list_sources,
     read_batch,
     read_results,
     select,
@@ -108,6 +109,14 @@ def test_select_includes_then_excludes_with_globs_across_folders() -> None:
     assert select(keys, (), ()) == [True] * 4
     assert select(keys, ("*.jpg",), ()) == [True, False, True, False]
     assert select(keys, ("*.jpg", "*.png"), ("b/*",)) == [True, True, False, False]
+
+
+def test_listing_leaves_out_results_written_inside_the_source(tmp_path: Path) -> None:
+    (tmp_path / "a.jpg").write_bytes(image(1))
+    (tmp_path / "captions" / "results").mkdir(parents=True)
+    (tmp_path / "captions" / "results" / "part-x.parquet").write_bytes(b"rows")
+    listed, matched = list_sources(BulkConfig(source=str(tmp_path), out=str(tmp_path / "captions")))
+    assert listed == 2 and [f.uri for f in matched] == [str(tmp_path / "a.jpg")]
 
 
 def test_config_rejects_unknown_format_and_empty_sizes() -> None:

@@ -9,27 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from raycap.data.synthetic import generate
-from raycap.features import ExtractConfig, extract_features
 from raycap.models.checkpoint import load_checkpoint, load_optimizer_state
 from raycap.models.decoders import DecoderConfig
-from raycap.models.encoder import EncoderConfig
 from raycap.recipe import TrainConfig
 from raycap.train import TrainJobConfig, train
 
 pytestmark = pytest.mark.integration
-
-ENCODER = EncoderConfig("resnet18", "none", grid=3, image_size=64)
-
-
-@pytest.fixture(scope="module")
-def tiny_features(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> str:
-    root = tmp_path_factory.mktemp("train_data")
-    data = generate(root / "coco", n_train=32, n_val=8, seed=3)
-    out = str(root / "features")
-    extract_features(ExtractConfig(out=out, coco_root=str(data.root), encoder=ENCODER, min_freq=1))
-    return out
-
 
 def _job(features: str, storage: Path, name: str, epochs: int, kind: str = "attention") -> TrainJobConfig:
     return TrainJobConfig(

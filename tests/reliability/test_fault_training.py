@@ -25,9 +25,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from raycap import storage
-from raycap.data.synthetic import generate
 from raycap.data.vocab import Vocab
-from raycap.features import ExtractConfig, extract_features
 from raycap.models.checkpoint import (
     CaptionModel,
     CheckpointError,
@@ -133,12 +131,8 @@ def _scalars(event_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
 
 
 @pytest.fixture(scope="module")
-def features(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> str:
-    root = tmp_path_factory.mktemp("fault_train")
-    data = generate(root / "coco", n_train=32, n_val=8, seed=3)
-    out = str(root / "features")
-    extract_features(ExtractConfig(out=out, coco_root=str(data.root), encoder=ENCODER, min_freq=1))
-    return out
+def features(tiny_features: str) -> str:
+    return tiny_features
 
 
 @pytest.fixture(scope="module")
