@@ -9,16 +9,23 @@ almost never pick <end>, so every caption runs all `--max-len` words: a fixed am
 image, and an upper bound on the steps a trained model takes. The two sides alternate (which goes
 first flips each repeat) after a warm-up, and the median of `--repeats` runs counts.
 
-    python bench/beam_search.py [--images 64 --max-len 20 --beams 3 5 --repeats 5] [--quick]
+Distance to the limit (bench/flops.py): the batched side's useful FLOP/s (the decoder's matmuls per
+beam step, from the layer shapes; checked against torch's own count on two images) as a share of
+this machine's matmul rate at the same shapes and threads, measured in the same run. `--profile`
+prints where the rest goes: torch.profiler's top ops of one batched attention call.
+
+    python bench/beam_search.py [--images 64 --max-len 20 --beams 3 5 --repeats 5] [--quick] [--profile]
 
 Prints a table, then one JSON line last; "ratio" is batched/per-image images/s for the attention
 decoder at beam 3 (GRU figures are extra keys; "*_cpu_ratio" compares process CPU time, which a
-loaded shared machine disturbs far less than wall time).
+loaded shared machine disturbs far less than wall time; "gemm_share" is the attention decoder's
+batched share of the GEMM rate at that beam, "gemm_share_cpu" the same per CPU second).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -26,6 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
+from flops import Matmul, Reference, counted_flops, decoder_matmuls, pass_flops, profile_table, reference
 
 from raycap.models.beam import beam_search
 from raycap.models.decoders import Decoder, DecoderConfig, build_decoder
@@ -76,7 +84,25 @@ def compare(decoder: Decoder, features: torch.Tensor, beam: int, max_len: int, r
         "per_image": per_image_ips,
         "ratio": batched_ips / per_image_ips,
         "cpu_ratio": statistics.median(cpu["per_image"]) / statistics.median(cpu["batched"]),
+        "batched_per_cpu_s": n / statistics.median(cpu["batched"]),
     }
+
+
+def gemm_reference(decoder: Decoder, cfg: DecoderConfig, features: torch.Tensor, beam: int, max_len: int) -> Reference:
+    """This machine's matmul rate for one batched call over `features` (bench/flops.py), once the
+    FLOP formula has matched torch's own count on two images."""
+
+    def matmuls(images: int) -> list[Matmul]:
+        # Random weights run every caption for all max_len words, plus the step that scores <end>.
+        return decoder_matmuls(cfg, decoder.vocab_size, GRID * GRID, FEATURE_DIM, images, beam, max_len + 1, search=True)
+
+    counted = counted_flops(lambda: beam_search(decoder, features[:2], START, END, beam, max_len))
+    if counted != pass_flops(matmuls(2), training=False):
+        raise RuntimeError(
+            f"{cfg.kind} beam {beam}: torch counts {counted:.6g} FLOPs on 2 images, bench/flops.py "
+            f"{pass_flops(matmuls(2), training=False):.6g}: update decoder_matmuls to the decoder"
+        )
+    return reference(matmuls(features.size(0)), training=False, device=features.device)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -90,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="16 images, beam 3, 2 repeats: a smoke run")
+    parser.add_argument("--profile", action="store_true", help="print the top ops of one batched attention call")
     args = parser.parse_args(argv)
     if args.quick:
         args.images, args.beams, args.repeats = 16, [3], 2
@@ -103,7 +130,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"device {device}, {args.threads} torch threads, median of {args.repeats}",
         flush=True,
     )
-    print(f"{'decoder':<10} {'beam':>4} {'batched img/s':>14} {'per-image img/s':>16} {'ratio':>7} {'CPU-time ratio':>15}")
+    header = f"{'decoder':<10} {'beam':>4} {'batched img/s':>14} {'per-image img/s':>16} {'ratio':>7}"
+    print(f"{header} {'CPU-time ratio':>15} {'GFLOP/s':>8} {'GEMM GFLOP/s':>13} {'share':>6} {'share (CPU)':>12}")
     figures: dict[str, object] = {
         "images": args.images,
         "max_len": args.max_len,
@@ -113,15 +141,32 @@ def main(argv: Sequence[str] | None = None) -> None:
         "threads": args.threads,
         "repeats": args.repeats,
     }
+    headline_beam = 3 if 3 in args.beams else args.beams[0]
+    references = {}
     for kind in ("attention", "gru"):
-        decoder = build_decoder(DecoderConfig(kind=kind), args.vocab, FEATURE_DIM).to(device).eval()
+        cfg = DecoderConfig(kind=kind)
+        decoder = build_decoder(cfg, args.vocab, FEATURE_DIM).to(device).eval()
         for beam in args.beams:
+            ref = references[kind, beam] = gemm_reference(decoder, cfg, features, beam, args.max_len)
             result = compare(decoder, features, beam, args.max_len, args.repeats)
+            calls_per_s = result["batched"] / args.images
+            result |= {"gflops": calls_per_s * ref.flops / 1e9, "gemm_gflops": ref.rate / 1e9}
+            result["gemm_share"] = ref.share(calls_per_s)
+            result["gemm_share_cpu"] = ref.share(result["batched_per_cpu_s"] / args.images, per_cpu_s=True)
             row = f"{kind:<10} {beam:>4} {result['batched']:>14.2f} {result['per_image']:>16.2f}"
-            print(f"{row} {result['ratio']:>6.2f}x {result['cpu_ratio']:>14.2f}x", flush=True)
+            row = f"{row} {result['ratio']:>6.2f}x {result['cpu_ratio']:>14.2f}x {result['gflops']:>8.2f}"
+            row = f"{row} {result['gemm_gflops']:>13.1f} {result['gemm_share']:>6.1%}"
+            print(f"{row} {result['gemm_share_cpu']:>12.1%}", flush=True)
             for key, value in result.items():
                 figures[f"{kind}_beam{beam}_{key}"] = round(value, 3)
-    headline_beam = 3 if 3 in args.beams else args.beams[0]
+        if kind == "attention" and args.profile:
+            print(f"\nprofile: one batched call, attention, beam {headline_beam}, {args.images} images", flush=True)
+            search = functools.partial(beam_search, decoder, features, START, END, headline_beam, args.max_len)
+            print(profile_table(search, device), flush=True)
+    print(f"\nmatmuls of one batched attention call at beam {headline_beam}, {args.images} images, measured alone:")
+    print(references["attention", headline_beam].table())
+    figures["gemm_share"] = figures[f"attention_beam{headline_beam}_gemm_share"]
+    figures["gemm_share_cpu"] = figures[f"attention_beam{headline_beam}_gemm_share_cpu"]
     figures["ratio"] = figures[f"attention_beam{headline_beam}_ratio"]
     print(json.dumps(figures))
 

@@ -186,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             name: {**(PINNED if pinned else {}), "user_config": {"max_batch_size": size if batched else 1}}
             for name, size in batch_sizes.items()
         }
-        deployments["Decoder"]["user_config"]["max_len"] = args.max_len
+        deployments["Decoder"]["user_config"]["max_decode_len"] = args.max_len
         overrides = {"deployments": deployments, "logging_config": {"enable_access_log": False}}  # 3 lines a request
         return load_config(args.config, checkpoint=checkpoint, port=port, overrides=overrides)
 

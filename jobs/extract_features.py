@@ -39,9 +39,13 @@ def parse_args(argv: Sequence[str] | None = None) -> ExtractConfig:
     p.add_argument("--images-split", default=d["images_split"], help="split name for --images")
     p.add_argument("--arch", dest="encoder.arch", default=e.arch, choices=sorted(FEATURE_DIMS))
     p.add_argument("--weights", dest="encoder.weights", default=e.weights, help=WEIGHTS_HELP)
-    p.add_argument("--grid", dest="encoder.grid", type=int, default=e.grid, help="features are pooled to grid x grid positions")
+    p.add_argument("--grid", dest="encoder.grid", type=int, default=e.grid, help="the decoder pools features to grid x grid")
     p.add_argument("--image-size", dest="encoder.image_size", type=int, default=e.image_size)
     p.add_argument("--dtype", default=d["dtype"], choices=sorted(DTYPES))
+    p.add_argument(
+        "--stored-grid", type=int, default=d["stored_grid"],
+        help="store features pooled to this grid (default: the trunk's native grid, e.g. 8 for resnet101 at 256)",
+    )
     p.add_argument("--batch-size", type=int, default=d["batch_size"], help="images per encoder call")
     p.add_argument(
         "--encoders", dest="num_encoders", metavar="N", type=int, default=d["num_encoders"],
@@ -56,7 +60,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ExtractConfig:
     p.add_argument("--rows-per-shard", type=int, default=d["rows_per_shard"])
     p.add_argument("--limit", type=int, default=d["limit"], help="encode at most this many new images per split")
     p.add_argument("--min-freq", type=int, default=d["min_freq"], help="vocabulary: minimum word count in train captions")
-    p.add_argument("--max-len", type=int, default=d["max_len"], help="vocabulary: words kept per caption")
+    p.add_argument("--max-words", type=int, default=d["max_words"], help="vocabulary: words kept per training caption")
     p.add_argument("--s3-endpoint", default=d["s3_endpoint"], help="S3-compatible endpoint URL (default AWS_ENDPOINT_URL)")
     return p.parse_config(ExtractConfig, argv)
 
@@ -66,6 +70,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print_config("extract", cfg)
     result = extract_features(cfg)
     print(f"features, captions and errors under {result.out} ({result.seconds:.1f} s)")
+    print(f"  features: {result.spec.describe()}")
     for split, s in result.splits.items():
         print(
             f"  {split}: {s.ok}/{s.images} extracted ({s.new_ok} new, {s.converted} converted to RGB), "

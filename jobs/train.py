@@ -1,9 +1,12 @@
 """Train caption decoders with Ray Train from extracted features.
 
     ray job submit --working-dir . -- python jobs/train.py --features s3://bucket/coco-features --model both
-    python jobs/train.py --features demo_out/features --model attention --num-workers 2
-    python jobs/train.py --config configs/coco.yaml --epochs 5
+    python jobs/train.py --features demo_out/features --train-splits train restval --select-split val --report-split test
+    python jobs/train.py --config configs/coco.yaml --num-workers 8 --plan
 
+A step is --captions-per-step captions, all workers together (the reference: 32 at lr 4e-4);
+--lr-rule linear scales the lr for other step sizes, with warmup. At start the job prints its plan
+(images, captions, steps per epoch, lr); --plan prints it from the features and exits, without Ray.
 Rerunning with the same --run-name (default raycap-<model>) resumes from the latest checkpoint.
 --config reads the file's `train:` section (keys: raycap.train.TrainJobConfig's fields, with
 `decoder:` and `train:` nested; `decoder.kind` may be `both`); flags override it.
@@ -17,8 +20,8 @@ from typing import Any
 
 from raycap.config import JobParser, from_dict, print_config, run_job, to_plain
 from raycap.models.decoders import DecoderConfig
-from raycap.recipe import TrainConfig
-from raycap.train import TrainJobConfig, train_models
+from raycap.recipe import LR_RULES, TrainConfig
+from raycap.train import TrainJobConfig, plan_lines, plan_run, train_models
 
 BOTH = "both"
 
@@ -33,11 +36,21 @@ def parse_args(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     p.add_argument("--epochs", dest="train.epochs", type=int, default=t.epochs)
     p.add_argument(
-        "--batch-size", dest="train.batch_size", type=int, default=t.batch_size,
-        help="images per worker step (x captions-per-image pairs)",
+        "--captions-per-step", dest="train.captions_per_step", type=int, default=t.captions_per_step,
+        help="captions per optimizer step, all workers together (a multiple of --num-workers)",
     )
-    p.add_argument("--captions-per-image", type=int, default=j.captions_per_image)
-    p.add_argument("--lr", dest="train.lr", type=float, default=t.lr)
+    p.add_argument(
+        "--captions-per-image", type=int, default=j.captions_per_image, help="(image, caption) pairs per image and epoch"
+    )
+    p.add_argument("--lr", dest="train.lr", type=float, default=t.lr, help="learning rate at 32 captions per step")
+    p.add_argument(
+        "--lr-rule", dest="train.lr_rule", choices=LR_RULES, default=t.lr_rule,
+        help="linear: lr x captions-per-step / 32, warmed up; none: --lr as given",
+    )
+    p.add_argument(
+        "--warmup-epochs", dest="train.warmup_epochs", type=float, default=t.warmup_epochs,
+        help="linear rule: epochs to ramp from --lr to the scaled lr",
+    )
     p.add_argument("--grad-clip", dest="train.grad_clip", type=float, default=t.grad_clip)
     p.add_argument(
         "--alpha-c", dest="train.alpha_c", type=float, default=t.alpha_c, help="doubly stochastic attention weight"
@@ -55,6 +68,13 @@ def parse_args(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--decoder-dim", dest="decoder.decoder_dim", type=int, default=d.decoder_dim)
     p.add_argument("--attention-dim", dest="decoder.attention_dim", type=int, default=d.attention_dim)
     p.add_argument("--dropout", dest="decoder.dropout", type=float, default=d.dropout)
+    p.add_argument(
+        "--train-splits", nargs="+", default=j.train_splits, help="splits to train on (Karpathy: train restval)"
+    )
+    p.add_argument(
+        "--select-split", default=j.select_split, help="split for lr decay, early stopping, best checkpoint"
+    )
+    p.add_argument("--report-split", default=j.report_split, help="split jobs/evaluate.py scores by default")
     p.add_argument("--num-workers", type=int, default=j.num_workers, help="Ray Train workers (DDP ranks)")
     p.add_argument(
         "--use-gpu", action=argparse.BooleanOptionalAction, default=j.use_gpu, help="default: if the cluster has GPUs"
@@ -65,11 +85,13 @@ def parse_args(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-failures", type=int, default=j.max_failures)
     p.add_argument("--s3-endpoint", default=j.s3_endpoint, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL)")
     p.add_argument("--seed", dest="train.seed", type=int, default=t.seed)
+    p.add_argument("--plan", action="store_true", help="print the plan from the features' counts and exit")
     return p.parse_values(argv, TrainJobConfig)
 
 
 def job_configs(values: dict[str, Any]) -> list[TrainJobConfig]:
     """One TrainJobConfig per decoder kind; with both, run names get a -<kind> suffix."""
+    values = {k: v for k, v in values.items() if k != "plan"}
     kind = values["decoder"]["kind"]
     kinds = ["attention", "gru"] if kind == BOTH else [kind]
     run_name = values.get("run_name")
@@ -93,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     resolved = to_plain(configs[0])  # every field, in the dataclass's order
     resolved["decoder"]["kind"], resolved["run_name"] = values["decoder"]["kind"], values["run_name"]
     print_config("train", resolved)
+    if values["plan"]:  # the same for every decoder kind
+        for line in plan_lines(configs[0], *plan_run(configs[0])):
+            print(f"[raycap] plan: {line}")
+        return
     train_models(configs)
 
 

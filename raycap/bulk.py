@@ -30,13 +30,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-from ray import serve
 from ray.data import ActorPoolStrategy
 
 from raycap import storage
 from raycap.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from raycap.runtime import init_ray
-from raycap.serve_schema import CaptionOptions  # not raycap.serve: client actors need no torch
 
 RESULTS_DIR = "results"
 SUMMARY_FILE = "summary.json"
@@ -178,6 +176,8 @@ def read_results(out: str, endpoint: str | None = None) -> pa.Table:
 
 
 def _app_running(app_name: str) -> bool:
+    from ray import serve  # here, not at the top: Ray Data's read tasks import this module, and need no Serve
+
     status = serve.status().applications.get(app_name)
     return status is not None and status.status == "RUNNING"
 
@@ -188,6 +188,8 @@ def ensure_app(cfg: BulkConfig) -> Served:
     Raises ValueError when the running application serves another checkpoint than `cfg.checkpoint`,
     rather than captioning with a model the user did not ask for.
     """
+    from ray import serve
+
     from raycap.serve_deploy import deploy, load_config  # the Serve stage, imported only when captioning
 
     if not _app_running(cfg.app_name):
@@ -253,6 +255,10 @@ class CaptionClient:
     Decoder (all at once, so the batch is in flight together) and retries failed requests."""
 
     def __init__(self, app_name: str, beam_size: int, retries: int, timeout_s: float) -> None:
+        from ray import serve
+
+        from raycap.serve_schema import CaptionOptions  # not raycap.serve: client actors need no torch
+
         self.encoder = serve.get_deployment_handle("Encoder", app_name)
         self.decoder = serve.get_deployment_handle("Decoder", app_name)
         self.options = CaptionOptions(beam_size=beam_size)
@@ -384,7 +390,8 @@ def _pipeline(cfg: BulkConfig, todo: list[storage.FileInfo], served: Served) -> 
         compute=ActorPoolStrategy(size=cfg.clients),
         num_cpus=cfg.client_cpus,
     )
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    # No prefetching: it would hold each client batch back until the next one is done.
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
         yield _rows_table(batch)
 
 

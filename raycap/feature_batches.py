@@ -23,7 +23,7 @@ from raycap import feature_store as fstore
 from raycap import storage
 from raycap.data.images import ImageError, load_image
 from raycap.feature_store import FeatureSpec
-from raycap.models.encoder import Encoder
+from raycap.models.encoder import Encoder, pool_to_grid
 
 if TYPE_CHECKING:
     from ray.data._internal.execution.interfaces import TaskContext  # Datasink.write's argument type
@@ -57,7 +57,8 @@ def decode_batch(batch: Batch, image_size: int, max_pixels: int, endpoint: str |
 
 
 class FeatureEncoder:
-    """Stateful batch function: loads the encoder once, then encodes the decodable rows of each batch."""
+    """Stateful batch function: loads the encoder once, then encodes the decodable rows of each batch
+    at the spec's stored grid (pooled on the encoder's device, in float32, when not the native one)."""
 
     def __init__(self, spec: FeatureSpec, torch_threads: int | None = None) -> None:
         if torch_threads:
@@ -70,8 +71,8 @@ class FeatureEncoder:
         ok = batch["error"] == ""  # (B,) bool
         features = np.zeros((len(ok), *self.spec.shape), self.spec.dtype)  # (B, P, C); failed rows stay 0
         if ok.any():
-            dtype = getattr(torch, self.spec.dtype)
-            features[ok] = self.encoder.encode(batch["image"][ok], dtype).cpu().numpy()
+            encoded = pool_to_grid(self.encoder.encode(batch["image"][ok]), self.spec.stored_grid)  # (N, P, C) float32
+            features[ok] = encoded.to(getattr(torch, self.spec.dtype)).cpu().numpy()
         out = {k: v for k, v in batch.items() if k != "image"}
         return {**out, "features": features}
 

@@ -3,14 +3,17 @@
 Under one output root (a folder or an s3:// prefix)::
 
     vocab.json                     the caption vocabulary (built from train captions)
-    manifest.json                  counts, encoder config, bytes per image
+    manifest.json                  counts, feature spec (encoder, stored grid, shape), bytes per image
     features/{split}/part-*.parquet  image_id, key, width, height, converted_from, features (P, C)
-    captions/{split}.parquet       image_id, caption, tokens (max_len + 2) int32
+    captions/{split}.parquet       image_id, caption, tokens (max_words + 2) int32
     errors/{split}/part-*.parquet  key, image_id, reason
 
 `features` is pyarrow's canonical fixed-shape tensor extension type, so any pyarrow reader gets a
-zero-copy (N, P, C) numpy view with `.to_numpy_ndarray()`. Every shard is written whole, then
-published atomically (rename locally, one completed upload on S3): a shard that is listed is complete.
+zero-copy (N, P, C) numpy view with `.to_numpy_ndarray()`. P is the stored grid squared: by default
+the trunk's native grid (8x8 for ResNet-101 at 256), which the decoder pools to the encoder config's
+grid when it reads them; shards written before native storage hold features pooled to that grid.
+Every shard is written whole, then published atomically (rename locally, one completed upload on
+S3): a shard that is listed is complete.
 """
 
 from __future__ import annotations
@@ -42,14 +45,30 @@ class FeatureSpec:
 
     encoder: EncoderConfig
     dtype: str = "float16"  # one of DTYPES
+    # Side of the stored grid; None means the trunk's native grid (encoder.native_grid) and is
+    # replaced by it, so specs of the same storage compare equal.
+    stored_grid: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"feature dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.stored_grid is None:
+            object.__setattr__(self, "stored_grid", self.encoder.native_grid)
+        elif self.stored_grid < 1:
+            raise ValueError(f"stored_grid must be >= 1, got {self.stored_grid}")
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (self.encoder.num_pixels, self.encoder.feature_dim)  # (P, C)
+        return (self.stored_grid**2, self.encoder.feature_dim)  # (P, C)
+
+    def describe(self) -> str:
+        """The grids in words, e.g. "8x8x2048 float16, the native grid of resnet101 at 256x256,
+        upsampled to 14x14 by the decoder" (adaptive average pooling adds no information)."""
+        e, stored, native = self.encoder, self.stored_grid, self.encoder.native_grid
+        source = "the native grid" if stored == native else f"{_resized(native, stored)} from the {native}x{native} grid"
+        use = "used as stored" if stored == e.grid else f"{_resized(stored, e.grid)} to {e.grid}x{e.grid} by the decoder"
+        size = f"{e.arch} at {e.image_size}x{e.image_size}"
+        return f"{stored}x{stored}x{e.feature_dim} {self.dtype}, {source} of {size}, {use}"
 
     def schema(self) -> pa.Schema:
         """Schema of a features shard, with this spec in the file metadata."""
@@ -65,14 +84,21 @@ class FeatureSpec:
         return pa.schema(fields, metadata={METADATA_KEY: self.to_json()})
 
     def to_json(self) -> str:
-        return json.dumps({"encoder": asdict(self.encoder), "dtype": self.dtype, "shape": list(self.shape)})
+        fields = {"encoder": asdict(self.encoder), "dtype": self.dtype, "stored_grid": self.stored_grid}
+        return json.dumps({**fields, "shape": list(self.shape)})
 
     @classmethod
     def from_metadata(cls, metadata: dict[bytes, bytes] | None, where: str) -> FeatureSpec:
         if not metadata or METADATA_KEY not in metadata:
             raise ValueError(f"{where} has no {METADATA_KEY.decode()} metadata: not written by raycap.features")
         data = json.loads(metadata[METADATA_KEY])
-        return cls(EncoderConfig(**data["encoder"]), data["dtype"])
+        encoder = EncoderConfig(**data["encoder"])
+        # Shards from before native storage have no stored_grid: they were pooled to the encoder's grid.
+        return cls(encoder, data["dtype"], data.get("stored_grid", encoder.grid))
+
+
+def _resized(before: int, after: int) -> str:
+    return "upsampled" if after > before else "pooled"
 
 
 @dataclass(frozen=True)
@@ -81,7 +107,7 @@ class Captions:
 
     image_ids: np.ndarray  # (M,) int64
     texts: list[str]
-    tokens: np.ndarray  # (M, max_len + 2) int32
+    tokens: np.ndarray  # (M, max_words + 2) int32
 
 
 @dataclass(frozen=True)
@@ -161,7 +187,7 @@ def errors_table(keys: list[str], image_ids: np.ndarray, reasons: list[str]) -> 
 
 
 def captions_table(image_ids: list[int], texts: list[str], vocab: Vocab) -> pa.Table:
-    tokens = vocab.encode_batch(texts)  # (M, max_len + 2) int32
+    tokens = vocab.encode_batch(texts)  # (M, max_words + 2) int32
     token_type = pa.list_(pa.int32(), tokens.shape[1])
     return pa.table(
         {

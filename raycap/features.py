@@ -53,6 +53,7 @@ class ExtractConfig:
     images_split: str = "images"  # the split name for `images`
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     dtype: str = "float16"
+    stored_grid: int | None = None  # grid the features are stored at; None: the trunk's native grid
     batch_size: int = 32  # images per encoder call
     num_encoders: int | None = None  # actor pool size; default one per GPU, else 1
     encoder_cpus: float = 1.0  # CPU slots per encoder actor (CPU-only clusters)
@@ -61,10 +62,10 @@ class ExtractConfig:
     # CPU slots per read+decode (and write) task. Keep it unlike encoder_cpus: Ray fuses consecutive
     # stages with equal resources, which would move decoding into the encoder actors.
     decode_cpus: float = 0.5
-    rows_per_shard: int = 128  # ~100 MB for resnet101 at 14x14 in float16
+    rows_per_shard: int = 128  # ~34 MB for resnet101's native 8x8 grid in float16
     limit: int | None = None  # encode at most this many new images per split (quick or partial runs)
-    min_freq: int = 5
-    max_len: int = 50
+    min_freq: int = 5  # vocabulary: words seen at least this often in training captions
+    max_words: int = 50  # vocabulary: words kept per training caption
     max_pixels: int = DEFAULT_MAX_PIXELS
     s3_endpoint: str | None = None  # default: AWS_ENDPOINT_URL, else AWS
 
@@ -75,7 +76,7 @@ class ExtractConfig:
             raise ValueError("a Karpathy split file needs the COCO root its image paths are relative to")
         if min(self.batch_size, self.decode_batch_size, self.rows_per_shard) < 1:
             raise ValueError("batch_size, decode_batch_size and rows_per_shard must be >= 1")
-        FeatureSpec(self.encoder, self.dtype)  # validates dtype
+        FeatureSpec(self.encoder, self.dtype, self.stored_grid)  # validates dtype and stored_grid
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ class SplitSummary:
 @dataclass(frozen=True)
 class ExtractResult:
     out: str
+    spec: FeatureSpec
     splits: dict[str, SplitSummary]
     vocab_size: int | None  # None without captions (images mode)
     seconds: float
@@ -164,7 +166,7 @@ def prepare_vocab(cfg: ExtractConfig, records: dict[str, list[ImageRecord]]) -> 
     captions = [c for split in training for r in records[split] for c in r.captions]
     if not captions:
         raise ValueError(f"no training captions to build the vocabulary from; put a vocab.json at {uri}")
-    vocab = Vocab.build(captions, min_freq=cfg.min_freq, max_len=cfg.max_len)
+    vocab = Vocab.build(captions, min_freq=cfg.min_freq, max_words=cfg.max_words)
     storage.write_bytes(uri, vocab.to_json().encode("utf-8"), cfg.s3_endpoint)
     return vocab
 
@@ -178,9 +180,11 @@ def write_captions(out: str, split: str, records: list[ImageRecord], vocab: Voca
 def _check_spec(out: str, split: str, spec: FeatureSpec, endpoint: str | None) -> None:
     stored = fstore.stored_spec(out, split, endpoint)
     if stored is not None and stored != spec:
+        same_but_grid = replace(stored, stored_grid=spec.stored_grid) == spec
+        resume = f", or --stored-grid {stored.stored_grid} to go on at their grid" if same_but_grid else ""
         raise ValueError(
             f"{fstore.features_dir(out, split)} holds features from {stored}, but this run asks for {spec}: "
-            "use another --out, or delete that folder to re-extract"
+            f"use another --out, or delete that folder to re-extract{resume}"
         )
 
 
@@ -200,7 +204,7 @@ def extract_features(cfg: ExtractConfig) -> ExtractResult:
     start = time.perf_counter()
     local = {k: storage.absolute(v) for k in ("out", "coco_root", "karpathy_file", "images") if (v := getattr(cfg, k))}
     cfg = replace(cfg, **local)  # Ray tasks may run in other folders
-    spec = FeatureSpec(cfg.encoder, cfg.dtype)
+    spec = FeatureSpec(cfg.encoder, cfg.dtype, cfg.stored_grid)
     records = load_records(cfg, cfg.splits)
     vocab = None
     if cfg.images is None:
@@ -215,8 +219,8 @@ def extract_features(cfg: ExtractConfig) -> ExtractResult:
         pending += todo[: cfg.limit] if cfg.limit is not None else todo
     new = _run_pipeline(cfg, spec, pending) if pending else {}
     splits = {split: _summarize(cfg, split, rs, new.get(split, Counter())) for split, rs in records.items()}
-    result = ExtractResult(cfg.out, splits, len(vocab) if vocab else None, time.perf_counter() - start)
-    _write_manifest(cfg, spec, result)
+    result = ExtractResult(cfg.out, spec, splits, len(vocab) if vocab else None, time.perf_counter() - start)
+    _write_manifest(cfg, result)
     return result
 
 
@@ -267,12 +271,12 @@ def _summarize(cfg: ExtractConfig, split: str, records: list[ImageRecord], new: 
     )
 
 
-def _write_manifest(cfg: ExtractConfig, spec: FeatureSpec, result: ExtractResult) -> None:
+def _write_manifest(cfg: ExtractConfig, result: ExtractResult) -> None:
     splits = {
         split: {**asdict(s), "bytes_per_image": round(s.bytes_per_image, 1)} for split, s in result.splits.items()
     }
     manifest = {
-        "features": json.loads(spec.to_json()),
+        "features": {**json.loads(result.spec.to_json()), "description": result.spec.describe()},
         "source": cfg.coco_root or cfg.images,
         "splits": splits,
         "vocab_size": result.vocab_size,

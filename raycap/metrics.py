@@ -1,37 +1,72 @@
-"""Caption metrics: corpus BLEU-1..4 (nltk) and CIDEr-D (the coco-caption scorer), on our tokeniser.
+"""Caption metrics as the COCO caption toolkit (pycocoevalcap, coco-caption) computes them.
+
+`score_captions` runs the toolkit's own BLEU-1..4, ROUGE-L and CIDEr-D scorers on the tokens of
+`raycap.data.ptb.tokenize`, the toolkit's Java PTB tokenization reproduced in Python, so it needs no
+Java and gives the toolkit's numbers (tests/test_metrics_parity.py checks both against Java).
+`official_scores` runs the toolkit itself as coco-caption's COCOEvalCap does: the Java tokenizer, then
+BLEU, METEOR (also Java), ROUGE-L and CIDEr-D; SPICE is left out.
 
 Both take `references` as {image_id: [caption, ...]} and `hypotheses` as {image_id: caption}; only
-the images in `hypotheses` are scored, so `references` may hold more (e.g. the whole split).
+the images in `hypotheses` are scored, so `references` may hold more (e.g. the whole split). The
+toolkit's conventions hold: BLEU is the corpus score, unsmoothed (an n-gram order with no match
+gives ~0) and a hypothesis shorter than n words adds no n-grams; CIDEr-D's document frequencies come
+from the references of the scored images, so a single image scores 0 and scores compare across
+models on one image set, not across sets.
 """
 
 from __future__ import annotations
 
-import warnings
+import shutil
 from collections.abc import Hashable, Mapping, Sequence
 
-from nltk.translate.bleu_score import corpus_bleu
+from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.rouge.rouge import Rouge
 
 from raycap.data.vocab import tokenize
 
 References = Mapping[Hashable, Sequence[str]]
 Hypotheses = Mapping[Hashable, str]
-Tokens = list[str]
-
-_BLEU_WEIGHTS = {
-    "bleu1": (1.0,),
-    "bleu2": (1 / 2,) * 2,
-    "bleu3": (1 / 3,) * 3,
-    "bleu4": (1 / 4,) * 4,
-}
+Scored = dict[int, list[str]]  # the toolkit's input: image index -> captions
 
 
-def _tokenized(references: References, hypotheses: Hypotheses) -> tuple[list[list[Tokens]], list[Tokens]]:
-    """Check the inputs and tokenise the scored images: (references per image, hypothesis per image)."""
+def score_captions(references: References, hypotheses: Hypotheses) -> dict[str, float]:
+    """{"bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider_d"}: the toolkit's scorers on our tokens."""
+    refs, hyps = _toolkit_input(references, hypotheses)
+    tokenized = {i: [" ".join(tokenize(caption)) for caption in captions] for i, captions in refs.items()}
+    return _scores(tokenized, {i: [" ".join(tokenize(hyp))] for i, (hyp,) in hyps.items()})
+
+
+def official_scores(references: References, hypotheses: Hypotheses) -> dict[str, float]:
+    """The toolkit end to end (Java tokenizer, METEOR): score_captions' keys and "meteor". Needs java."""
+    if shutil.which("java") is None:
+        raise RuntimeError(
+            "the COCO caption toolkit's tokenizer and METEOR are Java programs and java is not on PATH: "
+            "install a Java runtime (e.g. apt-get install default-jre-headless, or conda install openjdk)"
+        )
+    from pycocoevalcap.meteor.meteor import Meteor  # noqa: PLC0415 - starts a JVM: only here
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer  # noqa: PLC0415
+
+    refs, hyps = _toolkit_input(references, hypotheses)
+    tokenizer = PTBTokenizer()  # two Java runs, references then hypotheses, as COCOEvalCap does
+    gts = tokenizer.tokenize({i: [{"caption": c} for c in captions] for i, captions in refs.items()})
+    res = tokenizer.tokenize({i: [{"caption": c} for c in captions] for i, captions in hyps.items()})
+    meteor = Meteor()
+    try:
+        score, _ = meteor.compute_score(gts, res)
+    finally:
+        if meteor.lock.locked():  # a failed compute_score keeps the lock that __del__ needs
+            meteor.lock.release()
+        del meteor  # its __del__ stops the JVM
+    return {**_scores(gts, res), "meteor": float(score)}
+
+
+def _toolkit_input(references: References, hypotheses: Hypotheses) -> tuple[Scored, Scored]:
+    """Check the inputs; the scored images' references and hypotheses keyed by position, as the scorers want."""
     if not hypotheses:
         raise ValueError("no hypotheses to score: pass at least one {image_id: caption}")
-    refs, hyps = [], []
-    for image_id, hypothesis in hypotheses.items():
+    refs, hyps = {}, {}
+    for i, (image_id, hypothesis) in enumerate(hypotheses.items()):
         captions = references.get(image_id, ())
         if isinstance(captions, str):
             raise TypeError(f"references[{image_id!r}] is one string; pass a list of reference captions")
@@ -40,45 +75,13 @@ def _tokenized(references: References, hypotheses: Hypotheses) -> tuple[list[lis
                 f"image {image_id!r} has a hypothesis but no reference captions; "
                 "score only images with ground truth (check that the id types match)"
             )
-        refs.append([tokenize(caption) for caption in captions])
-        hyps.append(tokenize(hypothesis))
+        refs[i], hyps[i] = list(captions), [hypothesis]
     return refs, hyps
 
 
-def _bleu(refs: list[list[Tokens]], hyps: list[Tokens]) -> dict[str, float]:
-    with warnings.catch_warnings():  # nltk warns on every order without a match; the score (~0) says it
-        warnings.filterwarnings("ignore", message=r"\nThe hypothesis contains 0 counts", category=UserWarning)
-        scores = corpus_bleu(refs, hyps, weights=list(_BLEU_WEIGHTS.values()))
-    return {name: float(score) for name, score in zip(_BLEU_WEIGHTS, scores)}
-
-
-def _cider_d(refs: list[list[Tokens]], hyps: list[Tokens]) -> float:
-    gts = {i: [" ".join(ref) for ref in image_refs] for i, image_refs in enumerate(refs)}
-    res = {i: [" ".join(hyp)] for i, hyp in enumerate(hyps)}
-    score, _ = Cider().compute_score(gts, res)
-    return float(score)
-
-
-def bleu(references: References, hypotheses: Hypotheses) -> dict[str, float]:
-    """Corpus BLEU-1..4 ("bleu1".."bleu4") against all references of each image.
-
-    Unsmoothed, as in the COCO evaluation: an n-gram order with no match anywhere in the corpus
-    gives that BLEU-n (and higher) ~0. A hypothesis with fewer than n words counts as one unmatched
-    n-gram (nltk's convention; coco-caption counts none): an empty hypothesis adds one miss per order.
-    """
-    return _bleu(*_tokenized(references, hypotheses))
-
-
-def cider_d(references: References, hypotheses: Hypotheses) -> float:
-    """CIDEr-D (n=4, sigma=6, clipped tf-idf, x10) as coco-caption computes it (its "CIDEr").
-
-    Document frequencies come from the references of the scored images only, so scores compare
-    across models on the same image set, not across sets; a single image always scores 0 (idf=0).
-    """
-    return _cider_d(*_tokenized(references, hypotheses))
-
-
-def score_captions(references: References, hypotheses: Hypotheses) -> dict[str, float]:
-    """BLEU-1..4 and CIDEr-D: {"bleu1", "bleu2", "bleu3", "bleu4", "cider_d"}."""
-    refs, hyps = _tokenized(references, hypotheses)
-    return {**_bleu(refs, hyps), "cider_d": _cider_d(refs, hyps)}
+def _scores(gts: Scored, res: Scored) -> dict[str, float]:
+    """BLEU-1..4, ROUGE-L and CIDEr-D from the toolkit's scorers on tokenized, space-joined captions."""
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)  # verbose=0: no print of the n-gram counts
+    rouge, _ = Rouge().compute_score(gts, res)
+    cider, _ = Cider().compute_score(gts, res)
+    return {**{f"bleu{n}": float(b) for n, b in enumerate(bleu, 1)}, "rouge_l": float(rouge), "cider_d": float(cider)}

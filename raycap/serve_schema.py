@@ -17,6 +17,7 @@ class CaptionOptions:
     beam_size: int = 3
     num_captions: int = 1  # best captions to return, <= beam_size
     attention: bool = False  # return attention maps (attention decoder only)
+    allow_unk: bool = False  # let captions hold <unk>, the word for every rare word; banned by default
 
 
 class InvalidOptions(ValueError):

@@ -1,13 +1,19 @@
 """Ray Train stage: DDP training of a decoder from extracted features, with per-epoch evaluation.
 
+Splits (`raycap.data.splits`): the decoder trains on every split of `train_splits`; the selection
+split's scores drive lr decay, early stopping and the best checkpoint; the report split is left to
+jobs/evaluate.py. Each checkpoint records them, with the ids of the training images.
+
 Data: Ray Data reads the Parquet features (`raycap.feature_store` layout), attaches each image's
 tokenised captions, and streams image rows to the workers (`get_dataset_shard`), shuffled every
-epoch. A row carries all `captions_per_image` captions of its image, so every (image, caption)
-pair is an example each epoch while the image features cross the network once, not five times.
-Validation rows are split unevenly across workers (`ValidationSplit`): Ray Train's even split
+epoch. A row carries `captions_per_image` captions of its image, so the features cross the network
+once, not five times; each worker cuts its rows into steps of (image, caption) pairs
+(`recipe.caption_steps`), `captions_per_step / num_workers` pairs per worker. Ray Train splits the
+training rows equally, so every worker takes the same number of steps (`recipe.TrainPlan`, printed
+at start). Selection rows are split unevenly across workers (`ValidationSplit`): an even split
 would leave out up to a row per worker, and BLEU must cover the whole split.
 
-Every epoch each worker validates its share of the validation images (loss and beam search); the
+Every epoch each worker scores its share of the selection images (loss and beam search); the
 captions are gathered and scored with BLEU-1..4 and CIDEr-D, and rank 0 reports a checkpoint. The
 best checkpoint by BLEU-4 is kept, and rerunning with the same run name resumes from the latest.
 
@@ -48,6 +54,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from raycap import feature_store as fstore
 from raycap import storage
+from raycap.data.splits import COCO2017, SplitRef, TrainingData, check_roles
 from raycap.metrics import score_captions
 from raycap.models.checkpoint import (
     CaptionModel,
@@ -57,10 +64,11 @@ from raycap.models.checkpoint import (
     save_checkpoint,
 )
 from raycap.models.decoders import DecoderConfig, build_decoder
-from raycap.recipe import Plateau, TrainConfig, decay_lr, train_epoch, validate
+from raycap.recipe import Plateau, TrainConfig, TrainPlan, caption_steps, plan_training, train_epoch, validate
 from raycap.runtime import init_ray
 
 STATE_FILE = "train_state.json"
+SHUFFLE_WINDOW = 8  # a worker shuffles the pairs of this many steps' worth of images at a time
 TENSORBOARD_DIR = "tensorboard"
 # Ray Train metric -> TensorBoard tag, written each epoch.
 SCALARS = {
@@ -88,14 +96,20 @@ class TrainJobConfig:
     num_workers: int = 2
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
     cpus_per_worker: float = 1.0
-    captions_per_image: int = 5
-    train_split: str = "train"
-    val_split: str = "val"
+    captions_per_image: int = 5  # (image, caption) pairs per image and epoch, as in the reference
+    # The split roles (raycap.data.splits); the defaults are COCO 2017's: val2017's even image ids
+    # select, its odd ones report. Karpathy: [train, restval], val, test.
+    train_splits: tuple[str, ...] = COCO2017[0]
+    select_split: str = COCO2017[1]  # lr decay, early stopping, best checkpoint
+    report_split: str = COCO2017[2]  # jobs/evaluate.py's default
     storage_path: str = "~/raycap_runs"  # folder or s3:// prefix for checkpoints and results
     run_name: str | None = None  # default: raycap-{decoder kind}; the same name resumes
     max_failures: int = 2  # worker failures retried from the last checkpoint
     keep_checkpoints: int = 2  # best by BLEU-4; the latest is always kept too
     s3_endpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        check_roles(self.train_splits, self.select_split, self.report_split)
 
     @property
     def name(self) -> str:
@@ -126,25 +140,78 @@ def _caption_index(uri_root: str, split: str, per_image: int, endpoint: str | No
 def attach_captions(
     batch: dict[str, np.ndarray], root: str, split: str, per_image: int, endpoint: str | None
 ) -> dict[str, np.ndarray]:
-    """Ray Data batch of image rows -> the same rows with `captions` (B, k, L); uncaptioned images dropped."""
-    index = _caption_index(root, split, per_image, endpoint)
-    keep = np.array([int(i) in index for i in batch["image_id"]], dtype=bool)
+    """Ray Data batch of image rows of `split` (a split reference) -> the same rows with `captions`
+    (B, k, L); images without captions or outside the split's half dropped."""
+    ref = SplitRef.parse(split)
+    index = _caption_index(root, ref.name, per_image, endpoint)
+    keep = ref.keep(batch["image_id"]) & np.array([int(i) in index for i in batch["image_id"]], dtype=bool)
     ids = batch["image_id"][keep]
     captions = np.stack([index[int(i)] for i in ids]) if len(ids) else np.zeros((0, per_image, 1), np.int32)
     return {"image_id": ids, "features": batch["features"][keep], "captions": captions}
 
 
-def build_dataset(cfg: TrainJobConfig, split: str) -> ray.data.Dataset:
-    """Image rows of a split: image_id, features (P, C), captions (k, L)."""
-    directory = fstore.features_dir(cfg.features, split)
-    if not fstore.list_shards(directory, cfg.s3_endpoint):
-        raise FileNotFoundError(f"no feature shards under {directory}: run jobs/extract_features.py first")
-    fs, path = storage.filesystem(directory, cfg.s3_endpoint)
-    ds = ray.data.read_parquet(path, filesystem=fs).select_columns(["image_id", "features"])
-    ds = ds.map_batches(
-        attach_captions, fn_args=(cfg.features, split, cfg.captions_per_image, cfg.s3_endpoint), batch_format="numpy"
+def build_dataset(cfg: TrainJobConfig, splits: tuple[str, ...], shuffle: bool) -> ray.data.Dataset:
+    """Image rows of the splits (split references): image_id, features (P, C), captions (k, L)."""
+    parts = []
+    for split in splits:
+        directory = fstore.features_dir(cfg.features, SplitRef.parse(split).name)
+        if not fstore.list_shards(directory, cfg.s3_endpoint):
+            raise FileNotFoundError(f"no feature shards under {directory}: run jobs/extract_features.py first")
+        fs, path = storage.filesystem(directory, cfg.s3_endpoint)
+        ds = ray.data.read_parquet(path, filesystem=fs).select_columns(["image_id", "features"])
+        parts.append(
+            ds.map_batches(
+                attach_captions,
+                fn_args=(cfg.features, split, cfg.captions_per_image, cfg.s3_endpoint),
+                batch_format="numpy",
+            )
+        )
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    return ds.randomize_block_order() if shuffle else ds
+
+
+def split_images(cfg: TrainJobConfig, split: str) -> tuple[np.ndarray, int]:
+    """The image ids (N,) of a split reference's rows that training uses (features and captions, in the
+    half), one per row, and the number of their captions."""
+    ref = SplitRef.parse(split)
+    feature_ids = fstore.split_state(cfg.features, ref.name, cfg.s3_endpoint).feature_ids  # (N,)
+    caption_ids = fstore.read_captions(cfg.features, ref.name, cfg.s3_endpoint).image_ids  # (M,)
+    ids = feature_ids[np.isin(feature_ids, caption_ids) & ref.keep(feature_ids)]
+    if not len(ids):
+        raise ValueError(
+            f"split {split} has no images with both features and captions under {cfg.features}: "
+            "extract it (jobs/extract_features.py --splits ...) or choose another split"
+        )
+    return ids, int(np.isin(caption_ids, ids).sum())
+
+
+def plan_run(cfg: TrainJobConfig) -> tuple[TrainPlan, TrainingData]:
+    """The step plan from the features' counts, and what the run's checkpoints will record; no Ray needed."""
+    found = [split_images(cfg, split) for split in cfg.train_splits]
+    train_ids = np.concatenate([ids for ids, _ in found])  # (N,) one per row: a row in two splits counts twice
+    captions = sum(count for _, count in found)
+    plan = plan_training(len(train_ids), captions, cfg.captions_per_image, cfg.train, cfg.num_workers)
+    select_ids, _ = split_images(cfg, cfg.select_split)
+    data = TrainingData(
+        cfg.features, cfg.train_splits, cfg.select_split, cfg.report_split, np.unique(train_ids), np.unique(select_ids)
     )
-    return ds.randomize_block_order() if split == cfg.train_split else ds
+    return plan, data
+
+
+def plan_lines(cfg: TrainJobConfig, plan: TrainPlan, data: TrainingData) -> list[str]:
+    """The plan in words: splits, counts, steps, learning rate, and extracted splits left out."""
+    lines = [
+        f"train on {'+'.join(cfg.train_splits)}, select on {cfg.select_split} ({len(data.select_ids):,} images: "
+        f"lr decay, early stopping, best checkpoint), report on {cfg.report_split} (jobs/evaluate.py's default)",
+        *plan.describe(),
+    ]
+    try:
+        extracted = fstore.read_manifest(cfg.features, cfg.s3_endpoint)["splits"]
+    except FileNotFoundError:
+        extracted = {}
+    used = {SplitRef.parse(s).name for s in (*cfg.train_splits, cfg.select_split, cfg.report_split)}
+    lines += [f"note: split {name} is extracted but has no role in this run" for name in extracted if name not in used]
+    return lines
 
 
 class ValidationSplit(DataConfig):
@@ -278,14 +345,15 @@ class Scalars:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker: resume if a checkpoint exists, then train/validate/report each epoch."""
     cfg: TrainJobConfig = config["job"]
+    plan: TrainPlan = config["plan"]
     tcfg = cfg.train
     torch.manual_seed(tcfg.seed)
     vocab = fstore.read_vocab(cfg.features, cfg.s3_endpoint)
-    spec = fstore.stored_spec(cfg.features, cfg.train_split, cfg.s3_endpoint)
-    references = fstore.read_references(cfg.features, cfg.val_split, cfg.s3_endpoint)
-    decoder = build_decoder(cfg.decoder, len(vocab), spec.encoder.feature_dim)
+    spec = fstore.stored_spec(cfg.features, SplitRef.parse(cfg.train_splits[0]).name, cfg.s3_endpoint)
+    references = fstore.read_references(cfg.features, SplitRef.parse(cfg.select_split).name, cfg.s3_endpoint)
+    decoder = build_decoder(cfg.decoder, len(vocab), spec.encoder.feature_dim, spec.encoder.grid)
 
-    start_epoch, plateau, lr = 0, Plateau(tcfg), tcfg.lr
+    start_epoch, plateau, lr = 0, Plateau(tcfg), plan.lr  # lr: after the lr rule and any decay, before warmup
     optimizer_state = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -306,14 +374,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
     scalars = Scalars(storage.join(run_uri(cfg), TENSORBOARD_DIR), start_epoch, cfg.s3_endpoint) if rank == 0 else None
 
+    window = SHUFFLE_WINDOW * plan.per_worker  # images
     for epoch in range(start_epoch, tcfg.epochs):
-        batches = (
-            (b["features"], b["captions"].flatten(0, 1))
-            for b in train_shard.iter_torch_batches(
-                batch_size=tcfg.batch_size, local_shuffle_buffer_size=8 * tcfg.batch_size, drop_last=False
-            )
+        images = (
+            (b["features"], b["captions"])  # (B, P, C), (B, k, L)
+            for b in train_shard.iter_torch_batches(batch_size=window, local_shuffle_buffer_size=window)
         )
-        metrics: dict[str, Any] = {"epoch": epoch, **train_epoch(model, batches, optimizer, tcfg, vocab.pad_id, scaler)}
+        seed = int(np.random.SeedSequence([tcfg.seed, epoch, rank]).generate_state(1)[0])  # a resume redraws the same
+        steps = caption_steps(images, plan.per_worker, torch.Generator().manual_seed(seed))
+        first = epoch * plan.steps_per_epoch  # warmup counts the run's steps
+        trained = train_epoch(
+            model, steps, optimizer, tcfg, vocab.pad_id, lambda i: lr * plan.warmup_factor(first + i), scaler
+        )
+        metrics: dict[str, Any] = {"epoch": epoch, **trained}
+        if metrics["steps"] != plan.steps_per_epoch:
+            logger.warning(
+                "[raycap] worker %d took %d steps in epoch %d, the plan said %d",
+                rank, metrics["steps"], epoch, plan.steps_per_epoch,
+            )  # fmt: skip
         val_batches = (
             (b["image_id"], b["features"], b["captions"])
             for b in val_shard.iter_torch_batches(batch_size=tcfg.eval_batch_size)
@@ -324,7 +402,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics.update(score_captions(references, predictions))
         metrics["best"] = plateau.update(metrics["bleu4"])
         if plateau.should_decay:
-            lr = decay_lr(optimizer, tcfg.lr_decay)
+            lr *= tcfg.lr_decay
         metrics["lr"] = lr
         with tempfile.TemporaryDirectory() as tmp:
             reported = None
@@ -332,7 +410,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 caption_model = CaptionModel(
                     decoder, vocab, spec.encoder, cfg.decoder, epoch,
                     {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
-                    {"train": dataclasses.asdict(tcfg)},
+                    {"train": dataclasses.asdict(tcfg), "plan": dataclasses.asdict(plan)},
+                    config["data"],
                 )
                 save_checkpoint(tmp, caption_model, optimizer)
                 state = {"epoch": epoch, "lr": lr, "best_bleu4": plateau.best, "since_best": plateau.since_best}
@@ -357,13 +436,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 def train(cfg: TrainJobConfig) -> TrainOutcome:
     """Run (or resume) one training run on the current Ray cluster; returns where results went."""
     cfg = dataclasses.replace(cfg, features=storage.absolute(cfg.features))  # workers run in other folders
+    plan, data = plan_run(cfg)
+    for line in plan_lines(cfg, plan, data):
+        print(f"[raycap] plan: {line}", flush=True)
     init_ray()
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     root = storage_root(cfg)
     filesystem, storage_path = storage.filesystem(root, cfg.s3_endpoint) if storage.is_s3(root) else (None, root)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": cfg},
+        train_loop_config={"job": cfg, "plan": plan, "data": data},
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,
             use_gpu=use_gpu,
@@ -378,7 +460,10 @@ def train(cfg: TrainJobConfig) -> TrainOutcome:
             ),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
-        datasets={"train": build_dataset(cfg, cfg.train_split), "val": build_dataset(cfg, cfg.val_split)},
+        datasets={
+            "train": build_dataset(cfg, cfg.train_splits, shuffle=True),
+            "val": build_dataset(cfg, (cfg.select_split,), shuffle=False),
+        },
         dataset_config=ValidationSplit(),
     )
     result = trainer.fit()

@@ -7,6 +7,7 @@ Importable as `helpers` from any test module (tests/conftest.py's folder is on s
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import os
 import shutil
@@ -22,6 +23,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -39,6 +41,16 @@ PINNED = {"num_replicas": 1, "autoscaling_config": None}
 
 WORDS = ["a", "an", "the", "red", "green", "blue", "dog", "cat", "man", "woman", "on", "in", "with", "sitting",
          "standing", "near", "grass", "table", "ball"]  # fmt: skip
+
+
+def job_module(name: str) -> ModuleType:
+    """jobs/<name>.py as a module (jobs/ is not a package), to call its parse_args or main in-process."""
+    spec = importlib.util.spec_from_file_location(f"raycap_job_{name}", REPO / "jobs" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being defined
+    spec.loader.exec_module(module)
+    return module
 
 
 def image(seed: int, size: tuple[int, int] = (80, 60), fmt: str = "JPEG") -> bytes:
@@ -89,13 +101,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def deploy_pinned(checkpoint: str, max_len: int) -> str:
+def deploy_pinned(checkpoint: str, max_decode_len: int) -> str:
     """The repo's serve_config.yaml on the session's Ray with one Encoder and one Decoder replica,
-    captions of at most `max_len` words and a free port; returns the base URL."""
+    captions of at most `max_decode_len` words and a free port; returns the base URL."""
     from raycap.serve_deploy import deploy, load_config
 
     overrides = {
-        "deployments": {"Encoder": PINNED, "Decoder": {**PINNED, "user_config": {"max_len": max_len}}},
+        "deployments": {"Encoder": PINNED, "Decoder": {**PINNED, "user_config": {"max_decode_len": max_decode_len}}},
         "logging_config": {"enable_access_log": False},
     }
     return deploy(load_config(SERVE_CONFIG, checkpoint=checkpoint, port=free_port(), overrides=overrides))

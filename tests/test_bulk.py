@@ -85,8 +85,8 @@ def _direct_captions(checkpoint: str, files: dict[str, bytes], prefix: str) -> d
             continue
         pixels, _ = encoder.preprocess(data)
         best = beam_search(model.decoder, encoder.encode(pixels[None].copy()), vocab.start_id, vocab.end_id,
-                           beam_size=3, max_len=MAX_LEN)[0][0]  # fmt: skip
-        out[f"{prefix}/{name}"] = vocab.decode(best.tokens)
+                           beam_size=3, max_len=MAX_LEN, banned=(vocab.unk_id,))[0][0]  # fmt: skip
+        out[f"{prefix}/{name}"] = vocab.decode_text(best.tokens)
     return out
 
 

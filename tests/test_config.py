@@ -74,7 +74,7 @@ def test_unknown_key_names_the_section_the_known_keys_and_a_close_match() -> Non
     message = str(info.value)
     assert message.startswith("unknown key 'lr_decy' in section train.train")
     assert "did you mean 'lr_decay'?" in message
-    assert "known: epochs, batch_size, lr," in message
+    assert "known: epochs, captions_per_step, lr," in message
 
 
 @pytest.mark.parametrize(
@@ -140,7 +140,7 @@ def test_jobs_without_a_file_keep_the_reference_defaults(
     configs = train_job.job_configs(train_job.parse_args(["--features", "f"]))
     assert configs == [TrainJobConfig("f", DecoderConfig(kind)) for kind in ("attention", "gru")]
     evaluate = evaluate_job.parse_args(["--checkpoint", "ck", "--features", "f"])
-    assert (evaluate.beam_size, evaluate.max_len) == (TrainConfig().beam_size, TrainConfig().max_decode_len)
+    assert (evaluate.beam_size, evaluate.max_decode_len) == (TrainConfig().beam_size, TrainConfig().max_decode_len)
     assert _job("demo").parse_args([]) == DemoConfig()
 
 
@@ -177,7 +177,7 @@ def test_required_flags_stay_required_without_the_file(tmp_path: Path, evaluate_
     assert "the following arguments are required: --checkpoint" in capsys.readouterr().err
     path = _write(tmp_path / "c.yaml", "evaluate: {checkpoint: ck, features: f, beam_size: 5}\n")
     cfg = evaluate_job.parse_args(["--config", str(path), "--split", "test"])
-    assert (cfg.checkpoint, cfg.split, cfg.beam_size, cfg.max_len) == ("ck", "test", 5, TrainConfig().max_decode_len)
+    assert (cfg.checkpoint, cfg.split, cfg.beam_size, cfg.max_decode_len) == ("ck", "test", 5, TrainConfig().max_decode_len)
 
 
 @dataclass(frozen=True)
@@ -234,7 +234,7 @@ def test_coco_yaml_loads_into_the_jobs_dataclasses(
     assert [c.decoder.kind for c in configs] == ["attention", "gru"]
     assert all(c.features == extract.out for c in configs)
     evaluate = evaluate_job.parse_args(["--config", str(COCO_YAML)])
-    assert evaluate.features == extract.out
+    assert evaluate.features is None and evaluate.split is None  # the checkpoint's feature root and report split
 
 
 def test_coco_yaml_states_the_reference_recipe() -> None:

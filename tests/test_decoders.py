@@ -1,11 +1,16 @@
-"""Decoders: shapes, teacher forcing equals stepping, k beams per image, loss masking, gradients."""
+"""Decoders: shapes, teacher forcing equals stepping, k beams per image, loss masking, gradients,
+pooling features to the decoder's grid."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from raycap.data.vocab import Vocab
+from raycap.models.checkpoint import CaptionModel, load_checkpoint, save_checkpoint
 from raycap.models.decoders import (
     AttentionDecoder,
     Decoder,
@@ -16,6 +21,7 @@ from raycap.models.decoders import (
     caption_loss,
     trim_padding,
 )
+from raycap.models.encoder import EncoderConfig, pool_to_grid
 
 VOCAB, FEATURES, P, PAD = 20, 16, 9, 0
 KINDS = ["gru", "attention"]
@@ -205,3 +211,102 @@ def test_dropout_is_active_only_in_train_mode(kind: str) -> None:
     torch.testing.assert_close(decoder(features, captions).logits, decoder(features, captions).logits)
     decoder.train()
     assert not torch.allclose(decoder(features, captions).logits, decoder(features, captions).logits)
+
+
+# --- pooling to the decoder's grid --------------------------------------------------------------
+
+
+def _gridded_and_plain(kind: str, grid: int) -> tuple[Decoder, Decoder]:
+    """The same weights twice: one decoder pools its features to grid x grid, the other takes them as given."""
+    gridded = build_decoder(DecoderConfig(kind=kind, embed_dim=32, decoder_dim=32, attention_dim=32), VOCAB, FEATURES, grid)
+    plain = _decoder(kind)
+    plain.load_state_dict(gridded.state_dict())
+    return gridded.eval(), plain
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_decoder_pools_native_features_to_its_grid_on_arrival(kind: str) -> None:
+    """3x3 features (as stored) into a grid-2 decoder = their 2x2 pooling into the same weights, in
+    teacher forcing and in the memory that greedy and beam search step over. (3 -> 2, as pooling 2 ->
+    3 keeps the mean, which is all the GRU reads.)"""
+    gridded, plain = _gridded_and_plain(kind, grid=2)
+    native, captions = _features(), _captions()  # (B, 3*3, C)
+    pooled = pool_to_grid(native, 2)  # (B, 2*2, C)
+    out, expected = gridded(native, captions), plain(pooled, captions)
+    torch.testing.assert_close(out.logits, expected.logits)
+    assert not torch.allclose(out.logits, plain(native, captions).logits)
+    if kind == "attention":
+        assert out.alphas is not None and out.alphas.shape == (3, 6, 2 * 2)
+        torch.testing.assert_close(out.alphas, expected.alphas)
+    for got, want in zip(gridded.prepare(native), plain.prepare(pooled), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_decoder_uses_features_at_its_grid_unchanged(kind: str) -> None:
+    gridded, plain = _gridded_and_plain(kind, grid=3)
+    features, captions = _features(), _captions()  # P = 9: already 3x3
+    assert gridded.at_grid(features) is features
+    torch.testing.assert_close(gridded(features, captions).logits, plain(features, captions).logits)
+
+
+def test_checkpoint_loads_a_decoder_that_pools_to_the_encoders_grid(tmp_path: Path) -> None:
+    encoder_cfg = EncoderConfig("resnet18", "none", grid=3, image_size=64)  # native grid 2
+    decoder_cfg = DecoderConfig(embed_dim=32, decoder_dim=32, attention_dim=32)
+    vocab = Vocab(["a", "red", "circle"])
+    decoder = build_decoder(decoder_cfg, len(vocab), encoder_cfg.feature_dim, encoder_cfg.grid)
+    save_checkpoint(tmp_path, CaptionModel(decoder, vocab, encoder_cfg, decoder_cfg))
+    loaded = load_checkpoint(tmp_path).decoder
+    assert loaded.grid == 3
+    assert loaded.prepare(torch.zeros(1, 2 * 2, encoder_cfg.feature_dim))[0].shape == (1, 3 * 3, encoder_cfg.feature_dim)
+
+
+# --- behaviours the mutation tests found unchecked (`mutmut run`, see pyproject.toml) ---------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_k_captions_per_image_read_that_image(kind: str) -> None:
+    """Captions grouped k per image (as training feeds them) = each image repeated for its captions."""
+    decoder, features, k = _decoder(kind), _features(3), 2
+    captions = _captions(batch=3 * k)  # (B*k, T+1): rows 2b, 2b+1 describe image b
+    shared = decoder(features, captions)
+    repeated = decoder(features.repeat_interleave(k, dim=0), captions)
+    torch.testing.assert_close(shared.logits, repeated.logits, rtol=1e-5, atol=1e-5)
+    if kind == "attention":
+        torch.testing.assert_close(shared.alphas, repeated.alphas, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_captions_not_a_multiple_of_the_images_raise_value_error(kind: str) -> None:
+    with pytest.raises(ValueError, match="5 captions for 3 images: need the same number per image"):
+        _decoder(kind)(_features(3), _captions(batch=5))
+
+
+def test_attention_is_additive_over_features_and_hidden_state() -> None:
+    """Bahdanau: alpha = softmax_p(w . relu(W_f f_p + W_h h)), context = sum_p alpha_p f_p."""
+    attention = _decoder("attention").attention
+    features = _features(2)  # (B, P, C)
+    h = torch.randn(2, 32, generator=torch.Generator().manual_seed(6))  # (B, D)
+    with torch.no_grad():
+        context, alpha = attention(features, attention.encoder_att(features), h)
+        hidden = torch.relu(attention.encoder_att(features) + attention.decoder_att(h).unsqueeze(1))  # (B, P, A)
+        expected = torch.softmax(attention.full_att(hidden).squeeze(2), dim=1)  # (B, P)
+    torch.testing.assert_close(alpha, expected)
+    torch.testing.assert_close(context, (expected.unsqueeze(2) * features).sum(dim=1))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_embeddings_and_output_layer_start_as_in_the_reference(kind: str) -> None:
+    """Uniform(-0.1, 0.1) embeddings and output weights, zero output bias."""
+    decoder = _decoder(kind)
+    for weights in (decoder.embedding.weight.detach(), decoder.fc.weight.detach()):
+        assert -0.1 <= float(weights.min()) < -0.09 and 0.09 < float(weights.max()) <= 0.1
+    assert not decoder.fc.bias.any()
+
+
+def test_doubly_stochastic_weight_defaults_to_the_references_1() -> None:
+    captions = torch.tensor([[1, 5, 6, 2, PAD]])  # 3 valid steps over P=3 positions
+    alphas = torch.zeros(1, 4, 3)
+    alphas[0, :3, 0] = 1.0  # sums (3, 0, 0): penalty ((1 - 3)^2 + 1 + 1) / 3 = 2
+    total, ce = caption_loss(_alpha_output(alphas), captions, PAD)
+    torch.testing.assert_close(total - ce, torch.tensor(2.0))

@@ -1,4 +1,5 @@
-"""Encoder: feature shapes, ImageNet normalisation, weight loading from files, frozen trunk."""
+"""Encoder: native-grid feature shapes, pooling to a grid, ImageNet normalisation, weight loading
+from files, frozen trunk."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from safetensors.torch import save_file
 from torch import nn
 from torchvision.transforms import Normalize
 
-from raycap.models.encoder import IMAGENET, Encoder, EncoderConfig
+from raycap.models.encoder import IMAGENET, Encoder, EncoderConfig, pool_to_grid
 
-SIZE, GRID = 64, 2
+SIZE, NATIVE, GRID = 64, 2, 4  # images 64x64 give a 2x2 feature map; the decoder's grid is another
 Source = tuple[nn.Module, torch.Tensor]  # a model and its expected features for _images(2)
 
 
@@ -35,8 +36,8 @@ def _reference_features(trunk: nn.Module, images: torch.Tensor) -> torch.Tensor:
     mean, std = ([v / 255.0 for v in stats] for stats in IMAGENET)
     x = Normalize(mean, std)(images.permute(0, 3, 1, 2).float() / 255.0)  # (B, 3, H, W)
     with torch.no_grad():
-        fmap = F.adaptive_avg_pool2d(trunk(x), GRID)  # (B, C, grid, grid)
-    return fmap.flatten(2).transpose(1, 2)  # (B, grid*grid, C)
+        fmap = trunk(x)  # (B, C, native, native)
+    return fmap.flatten(2).transpose(1, 2)  # (B, native*native, C)
 
 
 def _resnet18_source() -> nn.Module:
@@ -70,14 +71,62 @@ def source() -> Source:
     return model, _reference_features(_headless(model), _images(2))
 
 
-def test_resnet18_features_have_grid_shape(resnet18: Encoder) -> None:
+def test_resnet18_features_have_the_native_grid_not_the_decoders(resnet18: Encoder) -> None:
     assert resnet18.feature_dim == 512
-    assert resnet18(_images(3)).shape == (3, GRID * GRID, 512)
+    assert resnet18(_images(3)).shape == (3, NATIVE * NATIVE, 512)
 
 
-def test_efficientnet_lite0_imagenet_loads_offline_with_grid_shape(lite0_imagenet: Encoder) -> None:
+def test_efficientnet_lite0_imagenet_loads_offline_with_native_grid(lite0_imagenet: Encoder) -> None:
     assert lite0_imagenet.feature_dim == 1280
-    assert lite0_imagenet(_images(2)).shape == (2, GRID * GRID, 1280)
+    assert lite0_imagenet(_images(2)).shape == (2, NATIVE * NATIVE, 1280)
+
+
+@pytest.mark.parametrize(
+    ("arch", "size"), [("resnet18", 64), ("resnet18", 100), ("resnet18", 250), ("efficientnet_lite0", 224),
+                       ("efficientnet_lite0", 100), ("efficientnet_lite0", 250)],
+)  # fmt: skip
+def test_native_grid_is_the_side_of_the_trunks_feature_map(arch: str, size: int) -> None:
+    cfg = EncoderConfig(arch=arch, weights="none", grid=GRID, image_size=size)
+    features = Encoder(cfg)(torch.zeros(1, size, size, 3, dtype=torch.uint8))  # (1, h*h, C)
+    assert features.shape[1] == cfg.native_grid**2
+
+
+def test_pool_to_grid_is_adaptive_average_pooling_of_the_square_map() -> None:
+    features = torch.randn(2, 9, 5, generator=torch.Generator().manual_seed(0))  # (B, 3*3, C)
+    fmap = features.transpose(1, 2).reshape(2, 5, 3, 3)  # (B, C, 3, 3)
+    for grid in (1, 2, 5):
+        expected = F.adaptive_avg_pool2d(fmap, grid).flatten(2).transpose(1, 2)  # (B, grid*grid, C)
+        torch.testing.assert_close(pool_to_grid(features, grid), expected)
+    torch.testing.assert_close(pool_to_grid(features, 1)[:, 0], features.mean(dim=1))
+    assert pool_to_grid(features, 3) is features
+
+
+def test_pool_to_grid_refuses_a_non_square_grid() -> None:
+    with pytest.raises(ValueError, match="8 positions: not a square grid"):
+        pool_to_grid(torch.zeros(1, 8, 4), 2)
+
+
+def test_native_float16_pooled_on_use_matches_pooled_float16_for_resnet101_at_256() -> None:
+    """Decoder inputs before (pool the 8x8 map to 14x14 in float32, store float16) and after (store
+    the 8x8 map in float16, pool it in float32 on use) differ by float16 rounding only: at most half
+    a float16 step of the pooled value plus half a step of the largest value averaged into it."""
+    torch.manual_seed(0)
+    encoder = Encoder(EncoderConfig("resnet101", "none", grid=14, image_size=256))
+    # A random ResNet's activations grow block by block. With BatchNorm at its initial statistics the
+    # trunk is positively homogeneous, so scaling the first convolution scales every feature alike:
+    # to ImageNet-like magnitudes (mean ~1), inside float16's range.
+    encoder.trunk[0].weight.data /= 2**15
+    images = torch.randint(0, 256, (2, 256, 256, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    native = encoder.encode(images)  # (B, 8*8, C) float32
+    assert native.shape == (2, 8 * 8, 2048) and 0.1 < float(native.mean()) < 10 and float(native.max()) < 2**15
+    stored_before, stored_after = pool_to_grid(native, 14).half(), native.half()  # (B, 196, C), (B, 64, C)
+    assert (stored_before[0].nbytes, stored_after[0].nbytes) == (802_816, 262_144)  # bytes per image
+    before, after = stored_before.float(), pool_to_grid(stored_after.float(), 14)  # (B, 196, C) each
+    fmap = native.abs().transpose(1, 2).reshape(2, 2048, 8, 8)  # (B, C, 8, 8)
+    largest = F.adaptive_max_pool2d(fmap, 14).flatten(2).transpose(1, 2)  # (B, 196, C), same windows
+    bound = 2.0**-11 * (before.abs() + largest) + 2.0**-24  # float16's unit roundoff; its subnormal step
+    assert ((after - before).abs() <= bound).all()
+    assert not torch.equal(after, before)  # the paths do round differently: the bound is what holds them together
 
 
 def test_efficientnet_lite0_imagenet_weights_are_loaded(lite0_imagenet: Encoder) -> None:
@@ -100,8 +149,17 @@ def test_forward_normalises_like_torchvision(resnet18: Encoder) -> None:
 def test_encode_accepts_numpy_and_matches_forward(resnet18: Encoder) -> None:
     images = _images(2)
     features = resnet18.encode(images.numpy(), dtype=torch.float16)
-    assert features.dtype == torch.float16 and features.shape == (2, GRID * GRID, 512)
+    assert features.dtype == torch.float16 and features.shape == (2, NATIVE * NATIVE, 512)
     torch.testing.assert_close(features.float(), resnet18(images), rtol=1e-2, atol=1e-2)
+
+
+def test_cpu_bfloat16_encode_runs_in_bfloat16_and_returns_close_float32(lite0_imagenet: Encoder) -> None:
+    images = _images(2)
+    exact = lite0_imagenet.encode(images)
+    fast = lite0_imagenet.encode(images, cpu_bfloat16=True)
+    assert fast.dtype == torch.float32 and fast.shape == exact.shape
+    assert not torch.equal(fast, exact)  # the trunk did run in bfloat16
+    assert float((fast - exact).abs().max()) < 0.05 * float(exact.abs().max())
 
 
 def _assert_loads_source(path: Path, source: Source) -> None:

@@ -67,7 +67,7 @@ def test_jobs_submitted_to_a_cluster_extract_train_caption_a_bucket_then_serve_h
                      "--image-size", "64", "--min-freq", "1")  # fmt: skip
         assert f"{s3}/features" in output  # every job says where its outputs went
         output = run("train", "jobs/train.py", "--features", f"{s3}/features", "--model", "attention",
-                     "--epochs", "2", "--batch-size", "4", "--embed-dim", "16", "--decoder-dim", "16",
+                     "--epochs", "2", "--captions-per-step", "40", "--embed-dim", "16", "--decoder-dim", "16",
                      "--attention-dim", "16", "--num-workers", "2", "--storage-path", f"{s3}/runs", "--run-name", "e2e")  # fmt: skip
         found = re.search(r"best checkpoint (s3://\S+)", output)
         assert found, output[-3000:]

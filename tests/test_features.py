@@ -1,9 +1,10 @@
-"""Feature extraction: batch functions and Parquet layout (no Ray), then the Ray Data stage end to end
-on a small synthetic COCO set, locally and through the session's S3 server."""
+"""Feature extraction: batch functions, the stored grid and Parquet layout (no Ray), then the Ray Data
+stage end to end on a small synthetic COCO set, locally and through the session's S3 server."""
 
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 from dataclasses import replace
@@ -31,11 +32,11 @@ from raycap.features import (
     list_image_records,
     prepare_vocab,
 )
-from raycap.models.encoder import Encoder, EncoderConfig
+from raycap.models.encoder import Encoder, EncoderConfig, pool_to_grid
 
 REPO = Path(__file__).resolve().parents[1]
 N_TRAIN, N_VAL = 16, 8
-SIZE, GRID = 64, 4
+SIZE, NATIVE, GRID = 64, 2, 4  # resnet18 at 64x64 gives 2x2 features; the decoder's grid is 4x4
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +110,7 @@ def _upload(bucket: str, prefix: str, root: Path) -> None:
 
 def _assert_features_match_encoder(out: str, split: str, encoder: Encoder, keys: dict[int, str]) -> None:
     ids, features = fstore.read_features(out, split)  # (N,), (N, P, C) float16
-    assert features.dtype == np.float16 and features.shape == (len(keys), GRID * GRID, 512)
+    assert features.dtype == np.float16 and features.shape == (len(keys), NATIVE * NATIVE, 512)
     assert ids.tolist() == sorted(keys)
     for row in (0, len(ids) - 1):
         image, _ = load_image(storage.read_bytes(keys[int(ids[row])]), SIZE)
@@ -158,10 +159,58 @@ def test_feature_encoder_encodes_good_rows_and_zeroes_failed(synthetic: Syntheti
     batch = decode_batch({"key": np.array(keys, dtype=object)}, SIZE, 10_000_000, None)
     batch["error"][1] = "broken"
     out = FeatureEncoder(FeatureSpec(encoder.cfg))(batch)
-    assert "image" not in out and out["features"].shape == (3, GRID * GRID, 512)
+    assert "image" not in out and out["features"].shape == (3, NATIVE * NATIVE, 512)
     assert out["features"].dtype == np.float16 and not out["features"][1].any()
     expected = encoder.encode(batch["image"][[0, 2]]).numpy()
     np.testing.assert_allclose(out["features"][[0, 2]].astype(np.float32), expected, rtol=2e-3, atol=2e-3)
+
+
+def test_feature_encoder_stores_features_pooled_to_a_stored_grid(synthetic: SyntheticSet, encoder: Encoder) -> None:
+    keys = [str(p) for p in sorted((synthetic.root / "val2017").glob("*.jpg"))[:2]]
+    batch = decode_batch({"key": np.array(keys, dtype=object)}, SIZE, 10_000_000, None)
+    out = FeatureEncoder(FeatureSpec(encoder.cfg, stored_grid=GRID))(batch)
+    assert out["features"].shape == (2, GRID * GRID, 512) and out["features"].dtype == np.float16
+    expected = pool_to_grid(encoder.encode(batch["image"]), GRID).numpy()  # pooled in float32, then stored
+    np.testing.assert_allclose(out["features"].astype(np.float32), expected, rtol=2e-3, atol=2e-3)
+
+
+def test_reference_features_are_stored_at_resnet101s_native_8x8_a_third_of_the_pooled_bytes() -> None:
+    native, pooled = FeatureSpec(EncoderConfig()), FeatureSpec(EncoderConfig(), stored_grid=14)
+    assert (native.stored_grid, native.shape, pooled.shape) == (8, (64, 2048), (196, 2048))
+    itemsize = np.dtype(native.dtype).itemsize
+    native_bytes, pooled_bytes = np.prod(native.shape) * itemsize, np.prod(pooled.shape) * itemsize
+    assert (native_bytes, pooled_bytes) == (262_144, 802_816) and 3 * native_bytes <= pooled_bytes
+    assert native.describe() == (
+        "8x8x2048 float16, the native grid of resnet101 at 256x256, upsampled to 14x14 by the decoder"
+    )
+    assert pooled.describe() == (
+        "14x14x2048 float16, upsampled from the 8x8 grid of resnet101 at 256x256, used as stored"
+    )
+    lite0 = FeatureSpec(EncoderConfig("efficientnet_lite0", grid=7, image_size=224))
+    assert lite0.shape == (49, 1280) and lite0.describe().endswith("used as stored")
+
+
+def test_spec_without_a_stored_grid_means_the_native_one() -> None:
+    cfg = EncoderConfig("resnet18", "none", grid=GRID, image_size=SIZE)
+    assert FeatureSpec(cfg) == FeatureSpec(cfg, stored_grid=NATIVE) != FeatureSpec(cfg, stored_grid=GRID)
+    with pytest.raises(ValueError, match="stored_grid must be >= 1"):
+        FeatureSpec(cfg, stored_grid=0)
+
+
+def test_shard_written_before_native_storage_reads_as_pooled_to_the_encoders_grid(tmp_path: Path) -> None:
+    """Old shards' metadata has no stored_grid: their features were pooled to encoder.grid."""
+    cfg = EncoderConfig("resnet18", "none", grid=GRID, image_size=SIZE)
+    spec = FeatureSpec(cfg, stored_grid=GRID)
+    features = np.random.default_rng(0).standard_normal((2, GRID * GRID, 512)).astype(np.float16)
+    table = fstore.features_table(spec, np.array([1, 2]), ["a", "b"], np.ones(2), np.ones(2), [None, None], features)
+    old = {"encoder": {"arch": "resnet18", "weights": "none", "grid": GRID, "image_size": SIZE}, "dtype": "float16",
+           "shape": [GRID * GRID, 512]}  # fmt: skip
+    table = table.replace_schema_metadata({fstore.METADATA_KEY: json.dumps(old)})
+    fstore.write_table(table, storage.join(fstore.features_dir(str(tmp_path), "val"), "part-old.parquet"))
+    assert fstore.stored_spec(str(tmp_path), "val") == spec
+    ids, read = fstore.read_features(str(tmp_path), "val")
+    assert ids.tolist() == [1, 2]
+    np.testing.assert_array_equal(read, features)
 
 
 def test_feature_shard_round_trips_with_spec_and_zero_copy_view(tmp_path: Path) -> None:
@@ -183,7 +232,7 @@ def test_feature_shard_round_trips_with_spec_and_zero_copy_view(tmp_path: Path) 
 
 def test_split_state_counts_published_shards_and_ignores_temp_files(tmp_path: Path) -> None:
     out = str(tmp_path)
-    spec = FeatureSpec(EncoderConfig("resnet18", "none", grid=1, image_size=64), dtype="float32")
+    spec = FeatureSpec(EncoderConfig("resnet18", "none", grid=1, image_size=64), dtype="float32", stored_grid=1)
     table = fstore.features_table(
         spec, np.array([1, 2]), ["a", "b"], np.ones(2), np.ones(2), ["CMYK", None], np.zeros((2, 1, 512))
     )
@@ -248,11 +297,13 @@ def test_extract_local_coco_writes_features_captions_and_manifest(
     assert sorted(references) == list(range(1, N_TRAIN + 1)) and all(len(r) == 5 for r in references.values())
     captions = fstore.read_captions(out, "train")
     vocab = fstore.read_vocab(out)
-    assert captions.tokens.shape == (N_TRAIN * 5, vocab.max_len + 2) and captions.tokens.dtype == np.int32
+    assert captions.tokens.shape == (N_TRAIN * 5, vocab.max_words + 2) and captions.tokens.dtype == np.int32
     np.testing.assert_array_equal(captions.tokens, vocab.encode_batch(captions.texts))
     assert sorted(set(captions.image_ids.tolist())) == list(range(1, N_TRAIN + 1))
     manifest = fstore.read_manifest(out)
-    assert manifest["features"]["shape"] == [GRID * GRID, 512] and manifest["features"]["dtype"] == "float16"
+    assert manifest["features"]["shape"] == [NATIVE * NATIVE, 512] and manifest["features"]["dtype"] == "float16"
+    assert manifest["features"]["stored_grid"] == NATIVE and result.spec.describe() == manifest["features"]["description"]
+    assert "the native grid of resnet18 at 64x64, upsampled to 4x4 by the decoder" in result.spec.describe()
     assert manifest["splits"]["train"]["bytes_per_image"] > 0 and manifest["vocab_size"] == len(vocab)
 
 
@@ -279,6 +330,8 @@ def test_rerun_encodes_only_what_is_missing(
 
     with pytest.raises(ValueError, match="another --out"):
         extract_features(replace(cfg, encoder=replace(encoder_cfg, grid=2)))
+    with pytest.raises(ValueError, match=f"--stored-grid {NATIVE} to go on"):
+        extract_features(replace(cfg, stored_grid=GRID))
 
 
 @pytest.mark.integration

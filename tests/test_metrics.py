@@ -1,4 +1,5 @@
-"""BLEU and CIDEr-D against hand-worked values, nltk's published example and an independent CIDEr-D."""
+"""BLEU, ROUGE-L and CIDEr-D against hand-worked values (the COCO toolkit's conventions) and an
+independent CIDEr-D. Parity with the toolkit's Java tokenizer: tests/test_metrics_parity.py."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ from collections import Counter
 
 import pytest
 
-from raycap.metrics import bleu, cider_d, score_captions
+from raycap.metrics import official_scores, score_captions
 
-# nltk's corpus_bleu docstring example (its BLEU-4 is 0.5920778868801042).
+# nltk's corpus_bleu docstring example: long hypotheses, so the toolkit's BLEU-4 is nltk's 0.5920778868801042.
 NLTK_REFS = {
     1: [
         "It is a guide to action that ensures that the military will forever heed Party commands",
@@ -35,6 +36,16 @@ CORPUS_HYPS = {
     "pizza": "a pizza on a table",
     "dog": "a cat sitting on a sofa",
 }
+METRICS = ["bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider_d"]
+
+
+def _bleu(refs: dict, hyps: dict) -> list[float]:
+    scores = score_captions(refs, hyps)
+    return [scores[f"bleu{n}"] for n in range(1, 5)]
+
+
+def _cider_d(refs: dict, hyps: dict) -> float:
+    return score_captions(refs, hyps)["cider_d"]
 
 
 def _reference_cider_d(refs: dict[str, list[str]], hyps: dict[str, str], n: int = 4, sigma: float = 6) -> float:
@@ -67,121 +78,159 @@ def _reference_cider_d(refs: dict[str, list[str]], hyps: dict[str, str], n: int 
     return sum(per_image) / len(per_image)
 
 
-def test_bleu_nltk_docstring_example():
+def test_bleu_nltk_docstring_example() -> None:
     # Clipped matches / candidate n-grams over both hypotheses (18 and 11 tokens); BP = 1 since
     # the closest reference lengths are 18 and 11.
     p = [28 / 29, 19 / 27, 13 / 25, 8 / 23]
-    scores = bleu(NLTK_REFS, NLTK_HYPS)
-    for n in range(1, 5):
-        assert scores[f"bleu{n}"] == pytest.approx(math.prod(p[:n]) ** (1 / n), rel=1e-12)
-    assert scores["bleu4"] == pytest.approx(0.5920778868801042, rel=1e-12)
+    scores = _bleu(NLTK_REFS, NLTK_HYPS)
+    assert scores == pytest.approx([math.prod(p[:n]) ** (1 / n) for n in range(1, 5)], rel=1e-8)
+    assert scores[3] == pytest.approx(0.5920778868801042, rel=1e-8)
 
 
-def test_bleu_clips_counts_and_applies_brevity_penalty():
+def test_bleu_clips_counts_and_a_short_hypothesis_adds_no_longer_ngrams() -> None:
     refs = {1: ["a cat sits on the mat", "there is a cat on the mat"], 2: ["the dog ran"]}
     hyps = {1: "a cat on the mat", 2: "the the dog"}
     # Image 1 matches all its n-grams (5, 4, 3, 2); image 2: "the" clipped to 1 of 2, "the dog" only,
-    # and, having no 4-gram, one unmatched 4-gram (nltk's max(1, count); coco-caption would give 2/2).
-    p = [7 / 8, 5 / 6, 3 / 4, 2 / 3]
+    # and, 3 words long, no 4-gram at all (the toolkit's count; nltk would add one unmatched 4-gram).
+    p = [7 / 8, 5 / 6, 3 / 4, 2 / 2]
     brevity = math.exp(1 - (6 + 3) / (5 + 3))  # closest reference lengths 6 and 3
-    scores = bleu(refs, hyps)
-    for n in range(1, 5):
-        assert scores[f"bleu{n}"] == pytest.approx(brevity * math.prod(p[:n]) ** (1 / n), rel=1e-12)
+    assert _bleu(refs, hyps) == pytest.approx([brevity * math.prod(p[:n]) ** (1 / n) for n in range(1, 5)], rel=1e-8)
 
 
-@pytest.mark.filterwarnings("ignore:\\nThe hypothesis contains 0 counts:UserWarning")
-def test_bleu_is_unsmoothed():
-    # 3-grams match, no 4-gram does: COCO's unsmoothed BLEU-4 collapses to ~0.
-    scores = bleu({1: ["a dog runs on grass"], 2: ["two cats sleep"]}, {1: "a dog runs fast", 2: "two cats sleep"})
-    assert scores["bleu3"] > 0.5
-    assert scores["bleu4"] < 1e-50
+def test_bleu_is_unsmoothed() -> None:
+    # 3-grams match, no 4-gram does: COCO's unsmoothed BLEU-4 collapses to ~1e-4 (the toolkit's
+    # 1e-15 floor on a precision, to the power 1/4).
+    scores = _bleu({1: ["a dog runs on grass"], 2: ["two cats sleep"]}, {1: "a dog runs fast", 2: "two cats sleep"})
+    assert scores[2] > 0.5
+    assert scores[3] < 1e-3
 
 
-def test_bleu_perfect_match_is_one():
+def test_perfect_match_scores_one() -> None:
     refs = {1: ["a man riding a horse", "someone on a horse"], 2: ["two cats on a sofa"]}
     hyps = {1: "a man riding a horse", 2: "two cats on a sofa"}
-    assert bleu(refs, hyps) == pytest.approx({f"bleu{n}": 1.0 for n in range(1, 5)})
+    scores = score_captions(refs, hyps)
+    assert [scores[m] for m in METRICS[:5]] == pytest.approx([1.0] * 5)
 
 
-def test_tokenisation_ignores_case_and_punctuation():
-    refs = {1: ["A man, riding a HORSE."], 2: ["Two cats -- on a sofa!"]}
-    hyps = {1: "a Man riding a horse", 2: "two cats on the sofa ."}
-    clean_refs = {1: ["a man riding a horse"], 2: ["two cats on a sofa"]}
-    clean_hyps = {1: "a man riding a horse", 2: "two cats on the sofa"}
+def test_scores_use_the_toolkit_tokens() -> None:
+    # Case and the toolkit's punctuation do not count; hyphenated words and clitics are its tokens.
+    refs = {1: ["A man, riding a HORSE."], 2: ["Two cats -- on a sofa!"], 3: ["A boy in a t-shirt. It's red"]}
+    hyps = {1: "a Man riding a horse", 2: "two cats on the sofa .", 3: "a boy in a t-shirt , it 's red"}
+    clean_refs = {1: ["a man riding a horse"], 2: ["two cats on a sofa"], 3: ["a boy in a t-shirt it 's red"]}
+    clean_hyps = {1: "a man riding a horse", 2: "two cats on the sofa", 3: "a boy in a t-shirt it 's red"}
     assert score_captions(refs, hyps) == score_captions(clean_refs, clean_hyps)
+    split = {**clean_hyps, 3: "a boy in a t shirt its red"}
+    assert score_captions(clean_refs, split)["bleu1"] < score_captions(clean_refs, clean_hyps)["bleu1"]
 
 
-def test_cider_d_hand_worked_idf_and_scale():
+def test_rouge_l_hand_worked() -> None:
+    # LCS("a cat on the mat", "a cat sits on the mat") = 5: precision 5/5, recall 5/6, F with beta 1.2;
+    # the better of the two references counts (the toolkit takes the max precision and recall).
+    refs = {1: ["a cat sits on the mat", "a dog"], 2: ["two birds"]}
+    precision, recall, beta2 = 1.0, 5 / 6, 1.2**2
+    image1 = (1 + beta2) * precision * recall / (recall + beta2 * precision)
+    assert score_captions(refs, {1: "a cat on the mat", 2: "two birds"})["rouge_l"] == pytest.approx((image1 + 1) / 2)
+
+
+def test_cider_d_hand_worked_idf_and_scale() -> None:
     # "a" is in both images' references: idf log(2/2) = 0. "a dog" shares nothing else with "a cat"
     # (0); "a bird" matches in 1- and 2-grams (cosine 1) but has no 3-/4-grams: 10 * (1+1+0+0)/4.
     refs = {1: ["a cat"], 2: ["a bird"]}
-    assert cider_d(refs, {1: "a dog", 2: "a bird"}) == pytest.approx((0 + 5) / 2)
+    assert _cider_d(refs, {1: "a dog", 2: "a bird"}) == pytest.approx((0 + 5) / 2)
 
 
-def test_cider_d_hand_worked_clipping_and_length_penalty():
+def test_cider_d_hand_worked_clipping_and_length_penalty() -> None:
     # "dog dog" vs "dog": clipped unigram term min(2w, w) * w / (2w * w) = 1/2, no shared bigram,
     # one word longer -> gaussian penalty exp(-1 / (2 * 6**2)); "a cat" matches itself: 5.
     refs = {1: ["dog"], 2: ["a cat"]}
     image1 = 10 * (0.5 * math.exp(-1 / 72)) / 4
-    assert cider_d(refs, {1: "dog dog", 2: "a cat"}) == pytest.approx((image1 + 5) / 2, rel=1e-12)
+    assert _cider_d(refs, {1: "dog dog", 2: "a cat"}) == pytest.approx((image1 + 5) / 2, rel=1e-12)
 
 
-def test_cider_d_exact_single_reference_scores_ten():
+def test_cider_d_exact_single_reference_scores_ten() -> None:
     refs = {1: ["a man rides a horse"], 2: ["two cats sleep on the sofa"]}
-    assert cider_d(refs, {1: refs[1][0], 2: refs[2][0]}) == pytest.approx(10.0)
+    assert _cider_d(refs, {1: refs[1][0], 2: refs[2][0]}) == pytest.approx(10.0)
 
 
-def test_cider_d_matches_independent_implementation():
-    assert cider_d(CORPUS_REFS, CORPUS_HYPS) == pytest.approx(_reference_cider_d(CORPUS_REFS, CORPUS_HYPS), rel=1e-9)
+def test_cider_d_matches_independent_implementation() -> None:
+    assert _cider_d(CORPUS_REFS, CORPUS_HYPS) == pytest.approx(_reference_cider_d(CORPUS_REFS, CORPUS_HYPS), rel=1e-9)
 
 
-def test_cider_d_one_of_several_references_is_between_zero_and_ten():
-    score = cider_d(CORPUS_REFS, {image_id: refs[0] for image_id, refs in CORPUS_REFS.items()})
-    assert 0 < score < 10
-
-
-def test_cider_d_ranks_matching_captions_above_unrelated():
+def test_cider_d_ranks_matching_captions_above_unrelated() -> None:
     matching = {image_id: refs[0] for image_id, refs in CORPUS_REFS.items()}
     unrelated = dict(zip(CORPUS_REFS, ["a red bus", "a plate of food", "a man surfing", "a kitchen sink"]))
-    assert cider_d(CORPUS_REFS, matching) > cider_d(CORPUS_REFS, unrelated) >= 0
+    assert 0 < _cider_d(CORPUS_REFS, matching) < 10
+    assert _cider_d(CORPUS_REFS, matching) > _cider_d(CORPUS_REFS, unrelated) >= 0
 
 
-def test_cider_d_single_image_is_zero():
+def test_cider_d_single_image_is_zero() -> None:
     # idf = log(N / df) = log(1 / 1) for every reference n-gram: coco-caption's CIDEr-D needs N > 1.
-    assert cider_d({1: ["a man rides a horse"]}, {1: "a man rides a horse"}) == 0.0
+    assert _cider_d({1: ["a man rides a horse"]}, {1: "a man rides a horse"}) == 0.0
 
 
-def test_references_of_unscored_images_are_ignored():
+def test_references_of_unscored_images_are_ignored() -> None:
     extra = {**CORPUS_REFS, "bus": ["a red bus on a street", "a double decker bus"]}
     assert score_captions(extra, CORPUS_HYPS) == score_captions(CORPUS_REFS, CORPUS_HYPS)
 
 
-def test_empty_hypothesis_contributes_zero():
+def test_empty_hypothesis_adds_no_ngrams() -> None:
     with_empty = {**CORPUS_HYPS, "dog": ""}
     with_unrelated = {**CORPUS_HYPS, "dog": "zebra"}
-    assert cider_d(CORPUS_REFS, with_empty) == pytest.approx(cider_d(CORPUS_REFS, with_unrelated))
-    assert bleu(CORPUS_REFS, with_empty)["bleu1"] < bleu(CORPUS_REFS, CORPUS_HYPS)["bleu1"]
+    assert _cider_d(CORPUS_REFS, with_empty) == pytest.approx(_cider_d(CORPUS_REFS, with_unrelated))
+    assert score_captions(CORPUS_REFS, with_empty)["rouge_l"] == pytest.approx(
+        score_captions(CORPUS_REFS, with_unrelated)["rouge_l"]
+    )
+    # No n-grams from the empty caption: BLEU-1's precision rises, only the brevity penalty grows.
+    assert _bleu(CORPUS_REFS, with_empty)[0] < _bleu(CORPUS_REFS, CORPUS_HYPS)[0]
     all_empty = dict.fromkeys(CORPUS_HYPS, " . ")
-    assert score_captions(CORPUS_REFS, all_empty) == dict.fromkeys(["bleu1", "bleu2", "bleu3", "bleu4", "cider_d"], 0.0)
+    assert score_captions(CORPUS_REFS, all_empty) == dict.fromkeys(METRICS, 0.0)
 
 
-def test_score_captions_combines_bleu_and_cider_d():
+def test_score_captions_reports_bleu_rouge_and_cider_d() -> None:
     scores = score_captions(NLTK_REFS, NLTK_HYPS)
-    assert scores == {**bleu(NLTK_REFS, NLTK_HYPS), "cider_d": cider_d(NLTK_REFS, NLTK_HYPS)}
+    assert sorted(scores) == sorted(METRICS)
+    assert all(isinstance(value, float) and 0 < value for value in scores.values())
 
 
-def test_hypothesis_without_references_is_rejected():
+def test_hypothesis_without_references_is_rejected() -> None:
     with pytest.raises(ValueError, match="image 42 has a hypothesis but no reference"):
         score_captions({"42": ["a dog"]}, {42: "a dog"})
     with pytest.raises(ValueError, match="image 'x' has a hypothesis but no reference"):
-        bleu({"x": [], "y": ["a cat"]}, {"x": "a dog", "y": "a cat"})
+        score_captions({"x": [], "y": ["a cat"]}, {"x": "a dog", "y": "a cat"})
 
 
-def test_empty_input_is_rejected():
+def test_empty_input_is_rejected() -> None:
     with pytest.raises(ValueError, match="no hypotheses"):
-        cider_d({1: ["a dog"]}, {})
+        score_captions({1: ["a dog"]}, {})
 
 
-def test_references_as_one_string_are_rejected():
+def test_references_as_one_string_are_rejected() -> None:
     with pytest.raises(TypeError, match=r"references\[1\] is one string"):
-        bleu({1: "a dog on the grass"}, {1: "a dog"})
+        score_captions({1: "a dog on the grass"}, {1: "a dog"})
+
+
+def test_official_scores_without_java_says_what_to_install(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # a PATH without java
+    with pytest.raises(RuntimeError, match=r"java is not on PATH: install a Java runtime"):
+        official_scores(CORPUS_REFS, CORPUS_HYPS)
+
+
+# --- behaviours the mutation tests found unchecked (`mutmut run`, see pyproject.toml) ---------------
+
+
+def test_scoring_prints_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    # The toolkit's BLEU prints its n-gram counts unless told not to.
+    score_captions(CORPUS_REFS, CORPUS_HYPS)
+    assert capsys.readouterr() == ("", "")
+
+
+def test_input_errors_say_what_to_do_in_full() -> None:
+    with pytest.raises(ValueError) as empty:
+        score_captions({1: ["a dog"]}, {})
+    assert str(empty.value) == "no hypotheses to score: pass at least one {image_id: caption}"
+    with pytest.raises(ValueError) as unmatched:
+        score_captions({"42": ["a dog"]}, {42: "a dog"})
+    assert str(unmatched.value) == (
+        "image 42 has a hypothesis but no reference captions; "
+        "score only images with ground truth (check that the id types match)"
+    )

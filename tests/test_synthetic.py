@@ -19,6 +19,7 @@ from raycap.data.synthetic import (
     SyntheticSet,
     describes_relation_correctly,
     generate,
+    karpathy_splits,
     load_ground_truth,
     make_captions,
     names_objects_correctly,
@@ -73,8 +74,22 @@ def test_writes_coco_2017_layout_and_schema(synthetic: SyntheticSet) -> None:
     assert len(set(image_ids)) == N_TRAIN + N_VAL
     assert len(set(annotation_ids)) == len(annotation_ids) == 5 * (N_TRAIN + N_VAL)
     karpathy = json.loads(synthetic.karpathy_split.read_text())["images"]
-    assert [e["split"] for e in karpathy] == ["train"] * N_TRAIN + ["val"] * (N_VAL // 2) + ["test"] * (N_VAL // 2)
+    assert sorted(e["cocoid"] for e in karpathy) == sorted(image_ids)
+    assert all(e["filepath"] == ("train2017" if e["cocoid"] <= N_TRAIN else "val2017") for e in karpathy)
     assert all(s["tokens"] and s["raw"] for e in karpathy for s in e["sentences"])
+
+
+def test_karpathy_splits_relate_to_coco_2017_as_the_real_ones_do() -> None:
+    train2017, val2017 = range(1, 901), range(901, 1001)  # the demo's sizes
+    splits = karpathy_splits(train2017, val2017)
+    assert sorted(splits) == [*train2017, *val2017]
+    counts = {name: sum(s == name for s in splits.values()) for name in ("train", "restval", "val", "test")}
+    assert sum(counts.values()) == 1000 and counts["restval"] == counts["val"] + counts["test"]
+    assert abs(counts["val"] - counts["test"]) <= 1 and counts["train"] > counts["restval"]
+    assert all(splits[i] != "train" for i in val2017)  # val2017 lies inside the val2014-like pool
+    test = [i for i, s in splits.items() if s == "test"]
+    # As with real COCO, most Karpathy test images are COCO 2017 training images.
+    assert sum(i in train2017 for i in test) > len(test) / 2
 
 
 def test_objects_are_distinct_disjoint_inside_and_clearly_related(scenes: list[SyntheticImage]) -> None:

@@ -1,9 +1,13 @@
 """A synthetic COCO-format captioning set: two coloured shapes per image, captions naming their relation.
 
 The files follow COCO 2017's layout and schema exactly (train2017/, val2017/, annotations/captions_*.json,
-plus Karpathy's dataset_coco.json), so the real loaders read them unchanged. Captions say which
-object is where, so a decoder that attends to the right region beats one that does not. Everything is
-deterministic in the seed: the same seed gives byte-identical files.
+plus Karpathy's dataset_coco.json), so the real loaders read them unchanged. The Karpathy file
+relates to the 2017 split as the real one does: its val, test and restval images come from a pool
+(every third train2017 image and all of val2017, like val2014), so at the default sizes most of its
+test images are in train2017: training on COCO 2017's train split and testing on Karpathy's test
+leaks, as it would on COCO. Captions say which object is where, so a decoder that attends to the
+right region beats one that does not. Everything is deterministic in the seed: the same seed gives
+byte-identical files.
 
     python -m raycap.data.synthetic --out data/synthetic
 """
@@ -37,6 +41,7 @@ INVERSE = {"left": "right", "right": "left", "above": "below", "below": "above"}
 YEAR = 2017
 MIN_SIDE, MAX_SIDE = 160, 320
 CAPTIONS_PER_IMAGE = 5
+POOL_DEAL = ("restval", "test", "restval", "val")  # Karpathy splits dealt over the val2014-like pool
 JPEG_QUALITY = 90
 
 # "{s}" is the subject, "{o}" the reference object; the relation phrase says where the subject is.
@@ -89,7 +94,7 @@ class SyntheticSet:
     val_captions: Path  # annotations/captions_val2017.json
     train_objects: Path  # annotations/synthetic_objects_train2017.json (ground truth)
     val_objects: Path
-    karpathy_split: Path  # dataset_coco.json: train2017 -> "train", val2017 -> half "val", half "test"
+    karpathy_split: Path  # dataset_coco.json with train, restval, val and test (`karpathy_splits`)
 
 
 def make_captions(
@@ -196,6 +201,18 @@ def generate(root: str | Path, n_train: int = 400, n_val: int = 100, seed: int =
     )
 
 
+def karpathy_splits(train_ids: Sequence[int], val_ids: Sequence[int]) -> dict[int, str]:
+    """Karpathy split of each image id, from its train2017 and val2017 ids.
+
+    Like val2014 in the real file, a pool (every train2017 id divisible by 3, then all of val2017, in
+    id order) is dealt out as restval, test, restval, val, ...; the other train2017 images are train.
+    """
+    pool = [i for i in train_ids if i % 3 == 0] + list(val_ids)
+    splits = {i: "train" for i in train_ids}
+    splits.update({image_id: POOL_DEAL[n % len(POOL_DEAL)] for n, image_id in enumerate(pool)})
+    return splits
+
+
 def load_ground_truth(root: str | Path, split: str) -> dict[int, SyntheticImage]:
     """The objects and relation of every image of a split ("train" or "val"), by image id."""
     path = Path(root) / "annotations" / f"synthetic_objects_{split}{YEAR}.json"
@@ -242,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output folder (COCO 2017 layout is written inside)")
     parser.add_argument("--train", type=int, default=400, help="number of train2017 images")
-    parser.add_argument("--val", type=int, default=100, help="number of val2017 images (half Karpathy val, half test)")
+    parser.add_argument("--val", type=int, default=100, help="number of val2017 images")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical files")
     args = parser.parse_args(argv)
     out = generate(args.out, n_train=args.train, n_val=args.val, seed=args.seed)
@@ -333,11 +350,10 @@ def _coco_captions(scenes: list[SyntheticImage], first_annotation_id: int) -> di
 
 def _karpathy(train: list[SyntheticImage], val: list[SyntheticImage]) -> dict[str, Any]:
     """Karpathy's dataset_coco.json; adds width/height, which the loader reads when present."""
-    half = len(val) // 2
-    tagged = [(scene, f"train{YEAR}", "train") for scene in train]
-    tagged += [(scene, f"val{YEAR}", "val" if i < half else "test") for i, scene in enumerate(val)]
+    splits = karpathy_splits([s.image_id for s in train], [s.image_id for s in val])
+    tagged = [(scene, f"train{YEAR}") for scene in train] + [(scene, f"val{YEAR}") for scene in val]
     images, sentence_id = [], 0
-    for imgid, (scene, filepath, split) in enumerate(tagged):
+    for imgid, (scene, filepath) in enumerate(tagged):
         sentence_ids = list(range(sentence_id, sentence_id + len(scene.captions)))
         sentence_id += len(scene.captions)
         images.append(
@@ -345,7 +361,7 @@ def _karpathy(train: list[SyntheticImage], val: list[SyntheticImage]) -> dict[st
                 "filepath": filepath,
                 "filename": scene.file_name,
                 "imgid": imgid,
-                "split": split,
+                "split": splits[scene.image_id],
                 "cocoid": scene.image_id,
                 "width": scene.width,
                 "height": scene.height,

@@ -1,8 +1,10 @@
 """Caption decoders: a GRU baseline and Show, Attend and Tell's soft-attention LSTM.
 
-Both read image features (B, P, C) -- P grid positions of C channels -- and share one interface:
+Both read image features (B, P, C) -- P grid positions of C channels, pooled on arrival to the
+decoder's grid (`EncoderConfig.grid`) -- and share one interface:
 `forward` runs teacher forcing over a whole caption; `prepare`, `init_state` and `step` advance one
-word at a time for greedy and beam search (`raycap.models.beam`). States are tuples of batch-first
+word at a time for greedy and beam search (`raycap.models.beam`), the attention decoder's with its
+attention rewritten for speed (`Attention`). States are tuples of batch-first
 tensors, so a search can reorder them with `index_select` without knowing the decoder. A step may
 carry k beams per image: memory keeps one row per image (B) and the state B*k rows grouped by image,
 so the image side is never copied k times.
@@ -17,6 +19,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from raycap.models.encoder import pool_to_grid
 
 Memory = tuple[torch.Tensor, ...]  # per-image tensors computed once per caption
 State = tuple[torch.Tensor, ...]  # per-beam recurrent state, batch-first
@@ -49,6 +53,11 @@ class Decoder(nn.Module, ABC):
 
     vocab_size: int
     feature_dim: int
+    grid: int | None = None  # features are pooled to grid x grid positions on arrival; None: used as given
+
+    def at_grid(self, features: torch.Tensor) -> torch.Tensor:
+        """Features (B, P, C) on any square grid -> (B, grid*grid, C), pooled on their device."""
+        return features if self.grid is None else pool_to_grid(features, self.grid)
 
     @abstractmethod
     def forward(self, features: torch.Tensor, captions: torch.Tensor) -> DecoderOutput:
@@ -72,9 +81,9 @@ class Decoder(nn.Module, ABC):
 class GRUDecoder(Decoder):
     """Baseline: a GRU whose initial hidden state is a linear projection of the mean image feature."""
 
-    def __init__(self, vocab_size: int, feature_dim: int, cfg: DecoderConfig) -> None:
+    def __init__(self, vocab_size: int, feature_dim: int, cfg: DecoderConfig, grid: int | None = None) -> None:
         super().__init__()
-        self.vocab_size, self.feature_dim = vocab_size, feature_dim
+        self.vocab_size, self.feature_dim, self.grid = vocab_size, feature_dim, grid
         self.embedding = nn.Embedding(vocab_size, cfg.embed_dim)
         self.init_h = nn.Linear(feature_dim, cfg.decoder_dim)
         self.gru = nn.GRU(cfg.embed_dim, cfg.decoder_dim, batch_first=True)
@@ -83,7 +92,7 @@ class GRUDecoder(Decoder):
         _init_embedding_and_output(self.embedding, self.fc)
 
     def prepare(self, features: torch.Tensor) -> Memory:
-        return (features.mean(dim=1),)  # (B, C)
+        return (self.at_grid(features).mean(dim=1),)  # (B, C)
 
     def init_state(self, memory: Memory) -> State:
         return (self.init_h(memory[0]),)  # (B, D)
@@ -101,7 +110,16 @@ class GRUDecoder(Decoder):
 
 
 class Attention(nn.Module):
-    """Additive (Bahdanau) attention over the feature grid."""
+    """Additive (Bahdanau) attention over the feature grid: alpha = softmax_p(w . relu(e_p + d) + b),
+    e_p = encoder_att(feature p), d = decoder_att(h).
+
+    `forward` is the textbook form, which training differentiates. Search (`prepare`, `step`) gets
+    the same alpha without the (B, k, P, A) tensor of e_p + d, whose memory traffic dominated a
+    batched step: as relu(x) = (x + |x|)/2, w . relu(e + d) = (w.e + w.d)/2 + sum_a w_a |e_a + d_a| / 2;
+    w.d and b are the same at every p, so softmax drops them, and the last sum is an L1 distance
+    between |w|e/2 and -|w|d/2 over the dimensions where w > 0, less one over the rest
+    (`torch.cdist`, fused and batched). Equal to `forward` up to float rounding.
+    """
 
     def __init__(self, feature_dim: int, decoder_dim: int, attention_dim: int) -> None:
         super().__init__()
@@ -116,17 +134,51 @@ class Attention(nn.Module):
         k = h.size(0) // batch
         hidden = projected.unsqueeze(1) + self.decoder_att(h).view(batch, k, 1, -1)  # (B, k, P, A)
         scores = self.full_att(hidden.relu_()).squeeze(3)  # (B, k, P)
-        alpha = torch.softmax(scores, dim=2)  # (B, k, P)
-        context = torch.bmm(alpha, features)  # (B, k, C)
-        return context.view(batch * k, -1), alpha.view(batch * k, pixels)
+        return _attend(scores, features)
+
+    def _by_sign(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention dimensions ordered w > 0 first (A,), and |w|/2 in that order (A,)."""
+        w = self.full_att.weight[0]  # (A,)
+        order = w.argsort(descending=True, stable=True)
+        return order, w[order].abs() / 2
+
+    def prepare(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The image side of `step`, once per image: features (B, P, C) -> w.e/2 (B, P), and |w|e/2
+        over the dimensions where w > 0 (B, P, A+) and where w <= 0 (B, P, A-)."""
+        projected = self.encoder_att(features)  # (B, P, A)
+        order, half = self._by_sign()
+        scaled = projected[..., order] * half  # (B, P, A), w > 0 first
+        positive = int((self.full_att.weight > 0).sum())
+        half_we = F.linear(projected, self.full_att.weight).squeeze(2) / 2  # (B, P)
+        return half_we, scaled[..., :positive].contiguous(), scaled[..., positive:].contiguous()
+
+    def step(
+        self, features: torch.Tensor, half_we: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, h: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` from the `prepare`d image side (features (B, P, C) and the rest), h (B*k, D)
+        -> context (B*k, C), alpha (B*k, P)."""
+        batch, k = features.size(0), h.size(0) // features.size(0)
+        order, half = self._by_sign()
+        scaled = (self.decoder_att(h)[:, order] * -half).view(batch, k, -1)  # (B, k, A): -|w|d/2, w > 0 first
+        positive = pos.size(2)
+        scores = half_we.unsqueeze(1) + torch.cdist(scaled[..., :positive], pos, p=1)  # (B, k, P)
+        return _attend(scores - torch.cdist(scaled[..., positive:], neg, p=1), features)
+
+
+def _attend(scores: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention scores (B, k, P) over features (B, P, C) -> context (B*k, C), alpha (B*k, P)."""
+    batch, k, pixels = scores.shape
+    alpha = torch.softmax(scores, dim=2)  # (B, k, P)
+    context = torch.bmm(alpha, features)  # (B, k, C)
+    return context.view(batch * k, -1), alpha.view(batch * k, pixels)
 
 
 class AttentionDecoder(Decoder):
     """Show, Attend and Tell: an LSTM cell over [word embedding; gated attention context]."""
 
-    def __init__(self, vocab_size: int, feature_dim: int, cfg: DecoderConfig) -> None:
+    def __init__(self, vocab_size: int, feature_dim: int, cfg: DecoderConfig, grid: int | None = None) -> None:
         super().__init__()
-        self.vocab_size, self.feature_dim = vocab_size, feature_dim
+        self.vocab_size, self.feature_dim, self.grid = vocab_size, feature_dim, grid
         self.embedding = nn.Embedding(vocab_size, cfg.embed_dim)
         self.attention = Attention(feature_dim, cfg.decoder_dim, cfg.attention_dim)
         self.init_h = nn.Linear(feature_dim, cfg.decoder_dim)
@@ -138,30 +190,39 @@ class AttentionDecoder(Decoder):
         _init_embedding_and_output(self.embedding, self.fc)
 
     def prepare(self, features: torch.Tensor) -> Memory:
-        return features, self.attention.encoder_att(features), features.mean(dim=1)  # (B,P,C), (B,P,A), (B,C)
+        features = self.at_grid(features)  # (B, P, C), P = grid*grid
+        return features, *self.attention.prepare(features), features.mean(dim=1)  # ..., (B, C)
 
     def init_state(self, memory: Memory) -> State:
-        mean = memory[2]
+        mean = memory[-1]
         return self.init_h(mean), self.init_c(mean)  # (B, D) each
 
     def step(self, tokens: torch.Tensor, state: State, memory: Memory) -> tuple[torch.Tensor, State, torch.Tensor]:
-        features, projected, _ = memory
-        h, c = state
-        context, alpha = self.attention(features, projected, h)  # (N, C), (N, P)
-        gate = torch.sigmoid(self.f_beta(h))  # (N, C)
-        x = torch.cat([self.embedding(tokens), gate * context], dim=1)  # (N, E + C)
-        h, c = self.lstm(x, (h, c))  # (N, D) each
-        return self.fc(self.dropout(h)), (h, c), alpha
+        features, *image_side, _ = memory
+        context, alpha = self.attention.step(features, *image_side, state[0])  # (N, C), (N, P)
+        logits, state = self._advance(tokens, state, context)
+        return logits, state, alpha
 
     def forward(self, features: torch.Tensor, captions: torch.Tensor) -> DecoderOutput:
-        memory = self.prepare(features)
-        state = _per_caption(self.init_state(memory), captions)  # (B*k, D) each
+        """Teacher forcing with the textbook attention (`Attention.forward`), which training differentiates."""
+        features = self.at_grid(features)  # (B, P, C)
+        projected = self.attention.encoder_att(features)  # (B, P, A)
+        state = _per_caption(self.init_state((features.mean(dim=1),)), captions)  # (B*k, D) each; reads the mean only
         logits, alphas = [], []
         for t in range(captions.size(1) - 1):
-            step_logits, state, alpha = self.step(captions[:, t], state, memory)
+            context, alpha = self.attention(features, projected, state[0])  # (B*k, C), (B*k, P)
+            step_logits, state = self._advance(captions[:, t], state, context)
             logits.append(step_logits)
             alphas.append(alpha)
         return DecoderOutput(torch.stack(logits, dim=1), torch.stack(alphas, dim=1))  # (B*k,T,V), (B*k,T,P)
+
+    def _advance(self, tokens: torch.Tensor, state: State, context: torch.Tensor) -> tuple[torch.Tensor, State]:
+        """The LSTM over [embedding; gated context]: tokens (N,), context (N, C) -> logits (N, V), state."""
+        h, c = state
+        gate = torch.sigmoid(self.f_beta(h))  # (N, C)
+        x = torch.cat([self.embedding(tokens), gate * context], dim=1)  # (N, E + C)
+        h, c = self.lstm(x, (h, c))  # (N, D) each
+        return self.fc(self.dropout(h)), (h, c)
 
 
 def _per_caption(state: State, captions: torch.Tensor) -> State:
@@ -182,8 +243,9 @@ def _init_embedding_and_output(embedding: nn.Embedding, fc: nn.Linear) -> None:
 DECODERS: dict[str, type[Decoder]] = {"attention": AttentionDecoder, "gru": GRUDecoder}
 
 
-def build_decoder(cfg: DecoderConfig, vocab_size: int, feature_dim: int) -> Decoder:
-    return DECODERS[cfg.kind](vocab_size, feature_dim, cfg)
+def build_decoder(cfg: DecoderConfig, vocab_size: int, feature_dim: int, grid: int | None = None) -> Decoder:
+    """A decoder of `cfg.kind` for features of `feature_dim` channels, pooled to grid x grid (None: as given)."""
+    return DECODERS[cfg.kind](vocab_size, feature_dim, cfg, grid)
 
 
 def trim_padding(captions: torch.Tensor, pad_id: int) -> torch.Tensor:

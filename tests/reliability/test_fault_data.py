@@ -101,7 +101,9 @@ def test_one_epoch_trains_on_what_survived_and_scores_only_extracted_images(
         TrainJobConfig(
             features=result.out,
             decoder=DecoderConfig("attention", embed_dim=32, decoder_dim=32, attention_dim=32, dropout=0.0),
-            train=TrainConfig(epochs=1, batch_size=4, lr=3e-3, beam_size=2, max_decode_len=12),
+            train=TrainConfig(epochs=1, captions_per_step=40, lr=3e-3, lr_rule="none", beam_size=2, max_decode_len=12),
+            select_split="val",  # the whole of val, to check that only extracted images are scored
+            report_split="test",
             num_workers=2,
             cpus_per_worker=0.5,
             storage_path=str(tmp_path),

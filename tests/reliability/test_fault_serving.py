@@ -58,7 +58,7 @@ def service(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Iter
     token_file = root / "token"
     token_file.write_text(TOKEN + "\n")
     pinned = {"autoscaling_config": None}
-    decoding = {"max_len": MAX_LEN, "batch_wait_timeout_s": DECODER_BATCH_WAIT_S}
+    decoding = {"max_decode_len": MAX_LEN, "batch_wait_timeout_s": DECODER_BATCH_WAIT_S}
     overrides = {
         "args": {"max_image_bytes": MAX_BYTES, "max_images_per_request": MAX_IMAGES},
         "runtime_env": {"env_vars": {TOKEN_FILE_ENV: str(token_file)}},

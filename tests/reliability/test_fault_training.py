@@ -59,7 +59,7 @@ def _job(features: str, storage_path: str, name: str, epochs: int = EPOCHS) -> T
     return TrainJobConfig(
         features=features,
         decoder=DecoderConfig("attention", embed_dim=32, decoder_dim=32, attention_dim=32, dropout=0.0),
-        train=TrainConfig(epochs=epochs, batch_size=4, lr=3e-3, beam_size=2, max_decode_len=12),
+        train=TrainConfig(epochs=epochs, captions_per_step=40, lr=3e-3, lr_rule="none", beam_size=2, max_decode_len=12),
         num_workers=2,
         cpus_per_worker=0.5,
         storage_path=storage_path,
@@ -279,7 +279,7 @@ def test_resume_skips_damaged_checkpoints_for_the_newest_that_loads(
 
 
 def _tiny_checkpoint(directory: Path) -> Path:
-    vocab = Vocab(["a", "cat"], max_len=4)
+    vocab = Vocab(["a", "cat"], max_words=4)
     decoder_cfg = DecoderConfig("gru", embed_dim=8, decoder_dim=8, dropout=0.0)
     decoder = build_decoder(decoder_cfg, len(vocab), ENCODER.feature_dim)
     optimizer = torch.optim.Adam(decoder.parameters())
