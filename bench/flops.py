@@ -67,8 +67,7 @@ def decoder_matmuls(
 ) -> list[Matmul]:
     """The matmuls of one decoder pass over `images` images with `per_image` rows each (captions in
     training, beams in search) for `steps` words; `pixels` is the decoder's grid (P). In `search`
-    the attention scores are L1 distances (`Attention.step`), not a per-step full_att matmul: that
-    layer's weights meet the image side once per image."""
+    the attention scores are L1 distances (`Attention.step`), not full_att matmuls."""
     rows, e, d, a = images * per_image, cfg.embed_dim, cfg.decoder_dim, cfg.attention_dim
     if cfg.kind == "gru":
         return [
@@ -81,9 +80,7 @@ def decoder_matmuls(
         Matmul("encoder_att (image side)", images * pixels, channels, a, grad_a=False),
         Matmul("init_h, init_c", images, channels, d, 2, grad_a=False),
         Matmul("decoder_att", rows, d, a, steps),
-        Matmul("full_att (per image)", images * pixels, a, 1, grad_a=False)
-        if search
-        else Matmul("full_att (B,k,P,A)->1", rows * pixels, a, 1, steps),
+        *([] if search else [Matmul("full_att (B,k,P,A)->1", rows * pixels, a, 1, steps)]),
         Matmul("context bmm", per_image, pixels, channels, steps, batch=images, grad_b=False),
         Matmul("f_beta", rows, d, channels, steps),
         Matmul("lstm input", rows, e + channels, 4 * d, steps),

@@ -22,9 +22,10 @@ Serving is configured apart, in serve_config.yaml, because that file is Ray Serv
 (`ServeDeploySchema`, for `serve run`/`serve deploy`): its raycap parts are pydantic models in
 raycap.serve, validated when the config is loaded: `AppArgs` (the application's `args`: request
 limits) and `EncoderSettings`/`DecoderSettings` (each deployment's `user_config`: the checkpoint,
-batching). The checkpoint is the one setting shared with the other jobs: train writes it, evaluate
-and serve read it, and the encoder config (arch, weights, grid, image size) always comes from the
-checkpoint, never from serve settings, so a model is served with the encoder it was trained on.
+batching, the Encoder's bfloat16 on CPU). The checkpoint is the one setting shared with the other
+jobs: train writes it, evaluate and serve read it, and the encoder config (arch, weights, grid,
+image size) always comes from the checkpoint, never from serve settings, so a model is served with
+the encoder it was trained on.
 `jobs/serve.py --checkpoint` swaps the checkpoint without editing the file.
 """
 

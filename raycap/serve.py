@@ -6,10 +6,10 @@
 Encoder (image bytes -> feature map at the trunk's native grid, 8x8 for ResNet-101 at 256) and
 Decoder (pools it to the checkpoint's grid, then captions by beam search) are separate deployments,
 so each autoscales on its own, and each batches concurrent requests with `@serve.batch`. Their
-`user_config` names the checkpoint (a folder or s3:// prefix written by `raycap.train`), the
-batching knobs and `cpu_bfloat16` (the model in bfloat16 on CPU); changing it in the config file
-and deploying again calls `reconfigure`, which loads the new checkpoint beside the old one and swaps
-it in without dropping requests. The encoder always runs the encoder config recorded in the checkpoint.
+`user_config` names the checkpoint (a folder or s3:// prefix written by `raycap.train`) and the
+batching knobs (and the Encoder's `cpu_bfloat16`); changing it in the config file and deploying
+again calls `reconfigure`, which loads the new checkpoint beside the old one and swaps it in without
+dropping requests. The encoder always runs the encoder config recorded in the checkpoint.
 
 HTTP (the ingress, `Captioner`):
     POST /caption          one image: the raw body, or one file of a multipart/form-data upload
@@ -122,21 +122,26 @@ class AppArgs(BaseModel):
     max_pixels: PositiveInt = DEFAULT_MAX_PIXELS  # larger decoded images get 400 (decompression bombs)
 
 
-class EncoderSettings(BaseModel):
-    """The Encoder deployment's `user_config`; changing it reconfigures replicas in place."""
+class ReplicaSettings(BaseModel):
+    """What both model deployments' `user_config` hold; changing it reconfigures replicas in place."""
 
     model_config = ConfigDict(extra="forbid")
 
     checkpoint: str  # folder, ~/folder or s3://bucket/prefix; the encoder config is read from it
     max_batch_size: PositiveInt = 16
     batch_wait_timeout_s: NonNegativeFloat = 0.01
-    # The model in bfloat16 when on CPU (GPUs are unaffected): on CPUs with bfloat16 units (AMX,
-    # AVX512-BF16) 2.5x faster for the encoder and 1.3x for the decoder, several times slower on
-    # others; captions may differ from float32's where beams nearly tie (bench/serve_cpu.py).
+
+
+class EncoderSettings(ReplicaSettings):
+    """The Encoder deployment's `user_config`."""
+
+    # The trunk in bfloat16 on CPU (a GPU runs it in float16 anyway): 2.5x faster on CPUs with
+    # bfloat16 units (AMX, AVX512-BF16), several times slower on others; captions may differ from
+    # float32's where beams nearly tie (bench/serve_cpu.py).
     cpu_bfloat16: bool = False
 
 
-class DecoderSettings(EncoderSettings):
+class DecoderSettings(ReplicaSettings):
     """The Decoder deployment's `user_config`."""
 
     model_name: str | None = None  # reported as `model`; default: the checkpoint folder's name
@@ -153,7 +158,6 @@ class LoadedModel:
     name: str
     checkpoint: str
     model: CaptionModel
-    dtype: torch.dtype = torch.float32  # the decoder's weights, and the features it is given
 
 
 @contextmanager
@@ -178,22 +182,11 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _cpu_dtype(cpu_bfloat16: bool) -> torch.dtype:
-    """bfloat16 if asked for and the model runs on CPU; warns when the CPU lacks bfloat16 units."""
-    if not cpu_bfloat16 or _device().type != "cpu":
-        return torch.float32
-    if not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
-        logger.warning("cpu_bfloat16 is on, but this CPU has no bfloat16 units (AMX, AVX512-BF16): expect it slower")
-    return torch.bfloat16
-
-
-def load_model(checkpoint: str, name: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a checkpoint (folder or s3:// prefix) onto this process's device for serving, the
-    decoder's weights in `dtype`."""
+def load_model(checkpoint: str, name: str | None = None) -> LoadedModel:
+    """Load a checkpoint (folder or s3:// prefix) onto this process's device for serving."""
     with _local_checkpoint(checkpoint) as local:
         model = load_checkpoint(local, device=_device())
-    model.decoder.to(dtype)
-    return LoadedModel(name or Path(checkpoint.rstrip("/")).name, checkpoint, model, dtype)
+    return LoadedModel(name or Path(checkpoint.rstrip("/")).name, checkpoint, model)
 
 
 def checkpoint_encoder_config(checkpoint: str) -> EncoderConfig:
@@ -255,7 +248,10 @@ class ImageEncoder:
         cfg = await asyncio.to_thread(checkpoint_encoder_config, settings.checkpoint)
         if self.encoder is None or self.encoder.cfg != cfg:
             self.encoder = await asyncio.to_thread(_build_encoder, cfg)  # requests keep using the old one
-        self.cpu_bfloat16 = _cpu_dtype(settings.cpu_bfloat16) == torch.bfloat16
+        self.cpu_bfloat16 = settings.cpu_bfloat16
+        bfloat16_units = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        if self.cpu_bfloat16 and _device().type == "cpu" and not bfloat16_units:
+            logger.warning("cpu_bfloat16 is on, but this CPU lacks bfloat16 units (AMX, AVX512-BF16): expect it slower")
         self.encode_batch.set_max_batch_size(settings.max_batch_size)
         self.encode_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
 
@@ -330,10 +326,9 @@ class CaptionDecoder:
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         settings = DecoderSettings.model_validate(user_config)
-        current, dtype = self.current, _cpu_dtype(settings.cpu_bfloat16)
-        wanted = (settings.checkpoint, settings.model_name, dtype)
-        if current is None or wanted != (current.checkpoint, current.name, current.dtype):
-            loaded = await asyncio.to_thread(load_model, *wanted)
+        current = self.current
+        if current is None or (settings.checkpoint, settings.model_name) != (current.checkpoint, current.name):
+            loaded = await asyncio.to_thread(load_model, settings.checkpoint, settings.model_name)
             self.previous, self.current = current, loaded
         self.max_decode_len = settings.max_decode_len
         self.decode_batch.set_max_batch_size(settings.max_batch_size)
@@ -385,8 +380,7 @@ class CaptionDecoder:
             if which < 0:
                 continue
             loaded = models[which]
-            stacked = np.stack([items[i][0].features for i in rows])  # (B, P, C) float32
-            features = torch.from_numpy(stacked).to(_device(), loaded.dtype)
+            features = torch.from_numpy(np.stack([items[i][0].features for i in rows])).to(_device())  # (B, P, C)
             self.batch_sizes.observe(len(rows))
             vocab = loaded.model.vocab
             # Inline on the replica's event loop, as in Serve's batching examples: in a worker thread,

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from raycap.data.coco import ImageRecord, coco_files, load_coco_captions, load_karpathy_split
-from raycap.data.synthetic import SyntheticSet, generate
+from raycap.data.synthetic import SyntheticSet, generate, karpathy_splits
 
 
 @pytest.fixture(scope="module")
@@ -57,18 +57,23 @@ def test_load_coco_captions_reads_synthetic_set(synthetic: SyntheticSet) -> None
 
 def test_load_karpathy_split_reads_synthetic_set(synthetic: SyntheticSet) -> None:
     root = str(synthetic.root)
-    train = load_karpathy_split(synthetic.karpathy_split, root)
-    assert [r.image_id for r in train] == list(range(1, 13))
-    val = load_karpathy_split(synthetic.karpathy_split, root, splits=("val",))
-    test = load_karpathy_split(synthetic.karpathy_split, root, splits=("test",))
-    assert [r.image_id for r in val] == [13, 14, 15] and [r.image_id for r in test] == [16, 17, 18]
-    coco_val = {r.image_id: r for r in load_coco_captions(*coco_files(root, "val"), "val")}
-    for record in val + test:
-        assert Path(record.path).is_file()
-        same = coco_val[record.image_id]
-        assert (record.path, record.width, record.height, record.captions) == (
-            same.path, same.width, same.height, same.captions
-        )
+    coco = {
+        r.image_id: r
+        for split in ("train", "val")
+        for r in load_coco_captions(*coco_files(root, split), split)
+    }
+    expected = karpathy_splits(
+        [i for i, r in coco.items() if r.split == "train"], [i for i, r in coco.items() if r.split == "val"]
+    )
+    for split in ("train", "restval", "val", "test"):
+        records = load_karpathy_split(synthetic.karpathy_split, root, splits=(split,))
+        assert records and [r.image_id for r in records] == sorted(i for i, s in expected.items() if s == split)
+        for record in records:
+            assert Path(record.path).is_file()
+            same = coco[record.image_id]
+            assert (record.path, record.width, record.height, record.captions) == (
+                same.path, same.width, same.height, same.captions
+            )
 
 
 def test_hand_written_coco_json_keeps_non_ascii_and_captionless_images(tmp_path: Path) -> None:

@@ -295,6 +295,25 @@ def test_attention_is_additive_over_features_and_hidden_state() -> None:
     torch.testing.assert_close(context, (expected.unsqueeze(2) * features).sum(dim=1))
 
 
+@pytest.mark.parametrize("signs", ["mixed", "positive", "negative"])
+def test_search_attention_equals_the_textbook_form(signs: str) -> None:
+    """`Attention.step` (L1 distances to the `prepare`d image side) = `forward`, for full_att weights
+    of both signs and of one sign only (one of the two distances is then over no dimensions)."""
+    attention, k = _decoder("attention").attention, 3
+    with torch.no_grad():
+        if signs != "mixed":
+            attention.full_att.weight.abs_().mul_(1.0 if signs == "positive" else -1.0)
+    positive = int((attention.full_att.weight > 0).sum())  # of A = 32 dimensions
+    assert positive in {"mixed": range(1, 32), "positive": [32], "negative": [0]}[signs]
+    features = _features(2)  # (B, P, C)
+    h = torch.randn(2 * k, 32, generator=torch.Generator().manual_seed(7))  # (B*k, D)
+    with torch.no_grad():
+        expected = attention(features, attention.encoder_att(features), h)
+        found = attention.step(features, *attention.prepare(features), h)
+    for a, b in zip(found, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_embeddings_and_output_layer_start_as_in_the_reference(kind: str) -> None:
     """Uniform(-0.1, 0.1) embeddings and output weights, zero output bias."""

@@ -25,7 +25,7 @@ from raycap import storage
 from raycap.models.beam import Caption, beam_search
 from raycap.models.checkpoint import CaptionModel, load_checkpoint
 from raycap.models.encoder import Encoder
-from raycap.serve import APP_NAME, AppArgs, CaptionOptions, DecoderSettings, EncoderSettings, LoadedModel, load_model
+from raycap.serve import APP_NAME, AppArgs, CaptionOptions, DecoderSettings, EncoderSettings
 from raycap.serve_deploy import deploy, load_config
 from raycap.serve_http import TOKEN_ENV
 
@@ -147,7 +147,7 @@ def test_job_help_runs() -> None:
 
 
 def _float32_log_prob(model: CaptionModel, features: torch.Tensor, tokens: list[int]) -> float:
-    """log P(tokens, <end> | features (P, C)) under a float32 decoder: how the model ranks a caption."""
+    """log P(tokens, <end> | features (P, C)) under the float32 decoder: how the model ranks a caption."""
     vocab = model.vocab
     caption = torch.tensor([[vocab.start_id, *tokens, vocab.end_id]])  # (1, T+1)
     with torch.inference_mode():
@@ -155,28 +155,25 @@ def _float32_log_prob(model: CaptionModel, features: torch.Tensor, tokens: list[
     return float(torch.log_softmax(logits, dim=-1)[0].gather(1, caption[0, 1:, None]).sum())
 
 
-def test_cpu_bfloat16_changes_a_caption_only_for_one_float32_ranks_as_high(tmp_path: Path) -> None:
-    """The cpu_bfloat16 setting's path (encoder under bfloat16 autocast, decoder and features in
-    bfloat16) keeps float32's captions but where beams nearly tie, and scores them closely."""
-    checkpoint = str(make_checkpoint(tmp_path, "first", grid=4, seed=0))
-    encoder = Encoder(load_checkpoint(checkpoint).encoder_cfg)
+def test_encoder_cpu_bfloat16_changes_a_caption_only_for_one_float32_ranks_as_high(tmp_path: Path) -> None:
+    """The Encoder's cpu_bfloat16 (its trunk under bfloat16 autocast) keeps float32's captions but
+    where beams nearly tie, and scores them closely."""
+    model = load_checkpoint(make_checkpoint(tmp_path, "first", grid=4, seed=0))
+    encoder, vocab = Encoder(model.encoder_cfg), model.vocab
     images = np.stack([encoder.preprocess(image(seed))[0] for seed in range(8)])  # (8, S, S, 3)
-    exact, fast = load_model(checkpoint), load_model(checkpoint, dtype=torch.bfloat16)
-    vocab = exact.model.vocab
 
-    def best(loaded: LoadedModel, features: torch.Tensor) -> list[Caption]:
+    def best(features: torch.Tensor) -> list[Caption]:
         found = beam_search(
-            loaded.model.decoder, features.to(loaded.dtype), vocab.start_id, vocab.end_id,
-            max_len=MAX_LEN, banned=(vocab.unk_id,),
-        )  # fmt: skip
+            model.decoder, features, vocab.start_id, vocab.end_id, max_len=MAX_LEN, banned=(vocab.unk_id,)
+        )
         return [captions[0] for captions in found]
 
     features = encoder.encode(images)  # (8, P, C)
-    want, got = best(exact, features), best(fast, encoder.encode(images, cpu_bfloat16=True))
+    want, got = best(features), best(encoder.encode(images, cpu_bfloat16=True))
     assert len({tuple(c.tokens) for c in want}) > 1  # captions differ per image: the comparison means something
     for image_features, w, g in zip(features, want, got):
         assert g.score == pytest.approx(w.score, rel=0.02)
-        assert _float32_log_prob(exact.model, image_features, g.tokens) >= w.score - 0.01 * abs(w.score)
+        assert _float32_log_prob(model, image_features, g.tokens) >= w.score - 0.01 * abs(w.score)
 
 
 # --- over HTTP ------------------------------------------------------------------------------------

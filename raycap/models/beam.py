@@ -4,6 +4,8 @@ Beam search keeps all beams of all images in one tensor of B*k rows and advances
 `decoder.step` per word. A beam that has emitted <end> stays in the beam with <end> as its only
 continuation at zero cost, so it keeps its rank without being expanded again. Word ids in `banned`
 (callers pass <unk>) get log-probability -inf, so no caption holds them; scores stay the model's.
+Each step ranks only each beam's k best words (all that can reach its image's k best), and keeps
+each new beam's word and parent; the captions and their attention are traced back once, at the end.
 """
 
 from __future__ import annotations
@@ -134,7 +136,7 @@ def beam_search(
                 cand_logp, cand_words = logp.topk(k, dim=1)  # (B*k, k) each
             cand_logp = torch.where(finished, end_only[: cand_logp.size(1)], cand_logp)
             cand_words = cand_words.masked_fill(finished, end_id)
-            total = scores.unsqueeze(2) + cand_logp.view(batch, k, -1)  # (B, k, c)
+            total = scores.unsqueeze(2) + cand_logp.view(batch, k, -1)  # (B, k, c): c candidates per beam
             scores, pick = total.view(batch, -1).topk(k, dim=1)  # (B, k) each
             parent = pick // cand_logp.size(1)  # (B, k)
             state = tuple(s.index_select(0, (row_base + parent).view(-1)) for s in state)

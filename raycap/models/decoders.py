@@ -145,12 +145,13 @@ class Attention(nn.Module):
     def prepare(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The image side of `step`, once per image: features (B, P, C) -> w.e/2 (B, P), and |w|e/2
         over the dimensions where w > 0 (B, P, A+) and where w <= 0 (B, P, A-)."""
-        projected = self.encoder_att(features)  # (B, P, A)
         order, half = self._by_sign()
-        scaled = projected[..., order] * half  # (B, P, A), w > 0 first
+        weight = self.encoder_att.weight[order] * half.unsqueeze(1)  # (A, C): encoder_att, outputs times |w|/2
+        bias = self.encoder_att.bias[order] * half  # (A,)
         positive = int((self.full_att.weight > 0).sum())
-        half_we = F.linear(projected, self.full_att.weight).squeeze(2) / 2  # (B, P)
-        return half_we, scaled[..., :positive].contiguous(), scaled[..., positive:].contiguous()
+        pos = F.linear(features, weight[:positive], bias[:positive])  # (B, P, A+)
+        neg = F.linear(features, weight[positive:], bias[positive:])  # (B, P, A-)
+        return pos.sum(dim=2) - neg.sum(dim=2), pos, neg  # w.e/2 = sum_a sign(w_a) |w_a| e_a / 2
 
     def step(
         self, features: torch.Tensor, half_we: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, h: torch.Tensor
