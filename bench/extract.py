@@ -53,7 +53,8 @@ from raycap.data.images import load_image
 from raycap.data.synthetic import generate
 from raycap.feature_store import FeatureSpec
 from raycap.features import ExtractConfig, SplitSummary, extract_features, list_image_records
-from raycap.models.encoder import Encoder, EncoderConfig, pool_to_grid
+from raycap.models.encoder import Encoder, pool_to_grid
+from raycap.models.encoder_config import EncoderConfig
 from shard_clock import ShardClock, Timing
 
 # Decoded images are read-only; set here, so the loop's fresh processes ignore it too.

@@ -10,7 +10,8 @@ right operand), combined as the rate at which the model's own mix of matmuls wou
 back. share = that time / the time the model took; also per process CPU second, which neighbours
 on a shared machine disturb far less (on CPU; it credits a model for threads left idle).
 
-Used by bench/train.py and bench/beam_search.py; `--profile` there prints `profile_table`.
+Used by bench/train.py, bench/beam_search.py and bench/serve.py; `--profile` there prints
+`profile_table`.
 """
 
 from __future__ import annotations
@@ -69,12 +70,14 @@ def decoder_matmuls(
     training, beams in search) for `steps` words; `pixels` is the decoder's grid (P). In `search`
     the attention scores are L1 distances (`Attention.step`), not full_att matmuls."""
     rows, e, d, a = images * per_image, cfg.embed_dim, cfg.decoder_dim, cfg.attention_dim
+    # Teacher forcing runs the output layer once over all words; search, word by word.
+    fc = Matmul("fc (output)", rows, d, vocab, steps) if search else Matmul("fc (output)", rows * steps, d, vocab)
     if cfg.kind == "gru":
         return [
             Matmul("init_h", images, channels, d, grad_a=False),
             Matmul("gru input", rows, e, 3 * d, steps),
             Matmul("gru hidden", rows, d, 3 * d, steps),
-            Matmul("fc (output)", rows, d, vocab, steps),
+            fc,
         ]
     return [
         Matmul("encoder_att (image side)", images * pixels, channels, a, grad_a=False),
@@ -85,8 +88,35 @@ def decoder_matmuls(
         Matmul("f_beta", rows, d, channels, steps),
         Matmul("lstm input", rows, e + channels, 4 * d, steps),
         Matmul("lstm hidden", rows, d, 4 * d, steps),
-        Matmul("fc (output)", rows, d, vocab, steps),
+        fc,
     ]
+
+
+def module_matmuls(module: torch.nn.Module, inputs: torch.Tensor) -> list[Matmul]:
+    """The matmuls of `module(inputs)` (inference), one per convolution and linear layer, recorded by
+    running it: a convolution as the matmul of its unfolded input, (N*H'*W', C/g*kh*kw) @ (C/g*kh*kw,
+    C'/g), for each of its g groups."""
+    found: list[Matmul] = []
+
+    def record(layer: torch.nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        if isinstance(layer, torch.nn.Conv2d):
+            kh, kw = layer.kernel_size
+            g = layer.groups
+            m = out.size(0) * out.size(2) * out.size(3)
+            found.append(Matmul(f"conv {layer.in_channels}->{layer.out_channels} {kh}x{kw}", m,
+                                layer.in_channels // g * kh * kw, layer.out_channels // g, batch=g))  # fmt: skip
+        elif isinstance(layer, torch.nn.Linear):
+            found.append(Matmul(f"linear {layer.in_features}->{layer.out_features}", args[0].numel() // layer.in_features,
+                                layer.in_features, layer.out_features))  # fmt: skip
+
+    hooks = [m.register_forward_hook(record) for m in module.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
+    try:
+        with torch.inference_mode():
+            module(inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return found
 
 
 def pass_flops(matmuls: Iterable[Matmul], training: bool) -> float:

@@ -5,8 +5,10 @@
 
 The images go through the same Serve deployments as online traffic, so bulk load drives their
 autoscaling; each client keeps `in_flight` requests outstanding so the deployments' dynamic
-batches fill up. Decoding happens on the CPU workers with the one shared `load_image`, and the
-Encoder gets pixels (`encode_pixels`), so a caption is the same as over HTTP.
+batches fill up. Decoding happens on the CPU workers with the one shared `load_images`, and the
+Encoder gets pixels (`encode_pixels`), so a caption is the same as over HTTP. The application's
+request limits (its `args:` in serve_config.yaml: max_beam_size, max_image_bytes, max_pixels) hold
+here as over HTTP.
 
 Exactly once: the driver commits rows in shards (`results/part-<run>-<n>.<fmt>`), each written
 atomically, and never writes a key twice in a run; a rerun first reads the keys of every committed
@@ -22,6 +24,7 @@ import io
 import json
 import secrets
 import time
+import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
@@ -33,12 +36,16 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from raycap import storage
-from raycap.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
+from raycap.config import file_only, flag
+from raycap.data.images import ImageError, load_images
+from raycap.models.decoding import BEAM_SIZE
 from raycap.runtime import init_ray
+from raycap.serve_schema import APP_NAME, SERVE_CONFIG
 
 RESULTS_DIR = "results"
 SUMMARY_FILE = "summary.json"
-FORMATS = ("parquet", "jsonl")
+Format = Literal["parquet", "jsonl"]
+FORMATS: tuple[str, ...] = typing.get_args(Format)
 RESULT_SCHEMA = pa.schema(
     [
         ("key", pa.string()),  # the file's full URI or path
@@ -57,30 +64,38 @@ Batch = dict[str, np.ndarray]
 class BulkConfig:
     """What to caption, where results go, and how hard to drive the Serve deployments."""
 
-    source: str  # folder or s3://bucket/prefix; every file under it (recursive) is one row
-    out: str  # folder or s3://bucket/prefix for results/ and summary.json
-    checkpoint: str | None = None  # deploy the Serve app with it if the app is not running
-    serve_config: str = "serve_config.yaml"  # used to deploy the app when it is not running
-    app_name: str = "raycap"
-    http_port: int | None = None  # override the serve config's port when deploying
-    format: Literal["parquet", "jsonl"] = "parquet"
-    include: tuple[str, ...] = ()  # glob patterns on keys relative to source; default everything
-    exclude: tuple[str, ...] = ()
-    limit: int | None = None  # caption at most this many new files (quick or partial runs)
-    dry_run: bool = False  # only count what would be captioned
-    beam_size: int = 3
-    max_image_bytes: int = 50 * 2**20  # larger files become error rows without being read
-    max_pixels: int = DEFAULT_MAX_PIXELS  # decoded width x height; larger (decompression bombs): error rows
-    read_batch_size: int = 16  # files per read+decode task
-    read_cpus: float = 0.5  # CPU slots per read task
-    clients: int = 2  # caption client actors
-    client_cpus: float = 0.1  # they only wait on handles
-    in_flight: int = 32  # requests each client keeps outstanding (its batch size)
-    retries: int = 3  # extra attempts for a failed read or caption request
-    request_timeout_s: float = 300.0
-    rows_per_shard: int = 1000  # rows per committed result shard
-    commit_every_s: float = 60.0  # commit a smaller shard after this long, so a crash loses little
-    s3_endpoint: str | None = None  # default: AWS_ENDPOINT_URL, else AWS
+    source: str = flag(
+        "--source", help="folder or s3://bucket/prefix; every file under it (recursive) is captioned"
+    )
+    out: str = flag("--out", help="folder or s3://bucket/prefix for results/ and summary.json")
+    checkpoint: str | None = flag(
+        "--checkpoint", None, help="deploy the Serve application with this checkpoint if it is not running"
+    )
+    model: str | None = flag(
+        "--model", None, help="the served model to caption with (GET /models); default: the application's default"
+    )
+    serve_config: str = flag("--serve-config", SERVE_CONFIG, help="Serve config used to deploy the application")
+    app_name: str = flag("--app-name", APP_NAME, help="Serve application to use")
+    http_port: int | None = flag("--http-port", None, help="HTTP port when deploying (default: the Serve config's)")
+    format: Format = flag("--format", "parquet")
+    include: tuple[str, ...] = flag(
+        "--include", (), action="append", help="glob on keys relative to --source (repeatable); none: every file"
+    )
+    exclude: tuple[str, ...] = flag("--exclude", (), action="append", help="glob to leave out (repeatable)")
+    limit: int | None = flag("--limit", None, help="caption at most this many new files")
+    dry_run: bool = flag("--dry-run", False, help="only count what would be captioned")
+    beam_size: int = flag("--beam-size", BEAM_SIZE, help="at most the Serve application's max_beam_size")
+    read_batch_size: int = flag("--read-batch-size", 16, help="files per read task")
+    read_cpus: float = file_only(0.5)  # CPU slots per read task
+    clients: int = flag("--clients", 2, help="caption client actors")
+    client_cpus: float = file_only(0.1)  # they only wait on handles
+    in_flight: int = flag(
+        "--in-flight", 32, help="requests each client keeps outstanding (its batch size)"
+    )
+    retries: int = flag("--retries", 3, help="extra attempts for failed reads and requests")
+    request_timeout_s: float = file_only(300.0)
+    rows_per_shard: int = flag("--rows-per-shard", 1000, help="rows per committed result shard")
+    commit_every_s: float = file_only(60.0)  # commit a smaller shard after this long, so a crash loses little
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -94,11 +109,13 @@ class BulkConfig:
 
 @dataclass(frozen=True)
 class Served:
-    """The model the Serve application runs, as its Decoder reports it."""
+    """The model the Serve application runs, as its Decoder reports it, and the application's limits."""
 
     name: str
     checkpoint: str
     image_size: int
+    max_image_bytes: int  # larger files become error rows without being read
+    max_pixels: int  # decoded width x height; larger (decompression bombs): error rows
 
 
 @dataclass
@@ -141,34 +158,34 @@ def select(relative_keys: Sequence[str], include: Sequence[str], exclude: Sequen
 def list_sources(cfg: BulkConfig) -> tuple[int, list[storage.FileInfo]]:
     """(files listed, files that pass the filters). Files under `out` are left out when `out` lies
     inside `source`, so results are never captioned."""
-    if not storage.exists(cfg.source, cfg.s3_endpoint):
+    if not storage.exists(cfg.source):
         raise FileNotFoundError(f"source {cfg.source} does not exist (or holds no file yet)")
-    files = storage.list_files(cfg.source, None, cfg.s3_endpoint)
+    files = storage.list_files(cfg.source)
     out = storage.absolute(cfg.out).rstrip("/") + "/"  # spelt as list_files spells URIs
     inside = [f for f in files if not f.uri.startswith(out)]
-    relative = storage.relative_keys(cfg.source, [f.uri for f in inside], cfg.s3_endpoint)
+    relative = storage.relative_keys(cfg.source, [f.uri for f in inside])
     return len(files), [f for f, keep in zip(inside, select(relative, cfg.include, cfg.exclude)) if keep]
 
 
-def shard_uris(out: str, endpoint: str | None = None) -> list[str]:
+def shard_uris(out: str) -> list[str]:
     """Committed result shards under `out`, oldest run first."""
     results = storage.join(out, RESULTS_DIR)
-    if not storage.exists(results, endpoint):
+    if not storage.exists(results):
         return []
-    return [f.uri for f in storage.list_files(results, tuple(f".{fmt}" for fmt in FORMATS), endpoint)]
+    return [f.uri for f in storage.list_files(results, tuple(f".{fmt}" for fmt in FORMATS))]
 
 
-def _read_shard(uri: str, endpoint: str | None) -> pa.Table:
-    data = storage.read_bytes(uri, endpoint)
+def _read_shard(uri: str) -> pa.Table:
+    data = storage.read_bytes(uri)
     if uri.endswith(".parquet"):
         return pq.read_table(io.BytesIO(data), schema=RESULT_SCHEMA)
     rows = [json.loads(line) for line in data.decode("utf-8").splitlines() if line]
     return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
 
 
-def read_results(out: str, endpoint: str | None = None) -> pa.Table:
+def read_results(out: str) -> pa.Table:
     """Every committed result row under `out` (both formats), in RESULT_SCHEMA."""
-    tables = [_read_shard(uri, endpoint) for uri in shard_uris(out, endpoint)]
+    tables = [_read_shard(uri) for uri in shard_uris(out)]
     return pa.concat_tables(tables) if tables else RESULT_SCHEMA.empty_table()
 
 
@@ -183,14 +200,17 @@ def _app_running(app_name: str) -> bool:
 
 
 def ensure_app(cfg: BulkConfig) -> Served:
-    """The running Serve application's model, deploying the application first if it is not running.
+    """The running Serve application's model and limits, deploying the application first if it is not running.
 
     Raises ValueError when the running application serves another checkpoint than `cfg.checkpoint`,
-    rather than captioning with a model the user did not ask for.
+    or no model named `cfg.model` (default: the application's default model), rather than captioning
+    with a model the user did not ask for, and InvalidOptions (a ValueError) for a beam size beyond
+    the application's limit.
     """
     from ray import serve
 
     from raycap.serve_deploy import deploy, load_config  # the Serve stage, imported only when captioning
+    from raycap.serve_schema import CaptionOptions
 
     if not _app_running(cfg.app_name):
         if cfg.checkpoint is None:
@@ -200,53 +220,52 @@ def ensure_app(cfg: BulkConfig) -> Served:
             )
         url = deploy(load_config(cfg.serve_config, checkpoint=cfg.checkpoint, port=cfg.http_port))
         print(f"[raycap] bulk: deployed Serve application {cfg.app_name!r} ({url}) with {cfg.checkpoint}", flush=True)
-    info = serve.get_deployment_handle("Decoder", cfg.app_name).info.remote().result()
+    decoder = serve.get_deployment_handle("Decoder", cfg.app_name)
+    listed = decoder.models.remote().result()
+    names = [m.name for m in listed.models]
+    if cfg.model is not None and cfg.model not in names:
+        raise ValueError(f"Serve application {cfg.app_name!r} has no model {cfg.model!r}: it serves {', '.join(names)}")
+    info = decoder.options(multiplexed_model_id=cfg.model or listed.default).info.remote().result()
     if cfg.checkpoint is not None and info.checkpoint.rstrip("/") != cfg.checkpoint.rstrip("/"):
         raise ValueError(
             f"Serve application {cfg.app_name!r} already serves {info.checkpoint}, not {cfg.checkpoint}: "
             "drop the checkpoint argument to caption with the running model, or deploy the other one first"
         )
-    return Served(info.model, info.checkpoint, int(info.encoder["image_size"]))
+    limits = serve.get_app_handle(cfg.app_name).limits.remote().result()
+    limits.check_options(CaptionOptions(beam_size=cfg.beam_size))
+    return Served(info.model, info.checkpoint, int(info.encoder["image_size"]), limits.max_image_bytes,
+                  limits.max_pixels)  # fmt: skip
 
 
 # --- what Ray Data runs ------------------------------------------------------------------------
 
 
-def _read(uri: str, endpoint: str | None, retries: int) -> bytes:
-    """The file's bytes, retrying transient failures (a missing file is not retried)."""
+def _read(uri: str, retries: int) -> bytes:
+    """The file's bytes, retrying transient failures (a missing or forbidden file is not retried)."""
     for attempt in range(retries + 1):
         try:
-            return storage.read_bytes(uri, endpoint)
+            return storage.read_bytes(uri)
         except (FileNotFoundError, PermissionError):
             raise
-        except OSError:
+        except OSError as exc:
             if attempt == retries:
-                raise
+                raise OSError(f"{exc} (after {retries + 1} attempts)") from exc
             time.sleep(0.2 * 2**attempt)
     raise AssertionError("unreachable")
 
 
-def read_batch(batch: Batch, image_size: int, max_image_bytes: int, max_pixels: int, retries: int,
-               endpoint: str | None) -> Batch:  # fmt: skip
-    """Read, decode and resize each file; a file that cannot be captioned gets an `error` reason.
+def read_batch(batch: Batch, image_size: int, max_image_bytes: int, max_pixels: int, retries: int) -> Batch:
+    """Read, decode and resize each file (`load_images`); a file that cannot be captioned, a file
+    over `max_image_bytes` included, gets an `error` reason. Adds image (B, S, S, 3) uint8 (zeros on
+    error) and error ("" if ok)."""
+    sizes = dict(zip(batch["key"], batch["size"]))
 
-    Adds image (B, S, S, 3) uint8 (zeros on error) and error ("" if ok).
-    """
-    n = len(batch["key"])
-    images = np.zeros((n, image_size, image_size, 3), np.uint8)  # (B, S, S, 3)
-    errors = np.full(n, "", dtype=object)
-    for i, (key, size) in enumerate(zip(batch["key"], batch["size"])):
-        if size > max_image_bytes:
-            errors[i] = f"file of {size} bytes exceeds the limit of {max_image_bytes} bytes"
-            continue
-        try:
-            images[i], _ = load_image(_read(key, endpoint, retries), image_size, max_pixels)
-        except ImageError as exc:
-            errors[i] = str(exc)
-        except OSError as exc:
-            errors[i] = f"could not read after {retries + 1} attempts: {exc}"
-        except Exception as exc:  # a decoder bug on one odd file must not stop the job
-            errors[i] = f"unexpected {type(exc).__name__} while decoding: {exc}"
+    def read(key: str) -> bytes:
+        if sizes[key] > max_image_bytes:  # by its listed size: never read
+            raise ImageError(f"file of {sizes[key]} bytes exceeds the limit of {max_image_bytes} bytes")
+        return _read(key, retries)
+
+    images, _, errors = load_images(batch["key"], read, image_size, max_pixels)
     return {"key": batch["key"], "image": images, "error": errors}
 
 
@@ -254,13 +273,13 @@ class CaptionClient:
     """Stateful batch function: sends each decodable image of a batch through the Encoder and the
     Decoder (all at once, so the batch is in flight together) and retries failed requests."""
 
-    def __init__(self, app_name: str, beam_size: int, retries: int, timeout_s: float) -> None:
+    def __init__(self, app_name: str, model: str, beam_size: int, retries: int, timeout_s: float) -> None:
         from ray import serve
 
         from raycap.serve_schema import CaptionOptions  # not raycap.serve: client actors need no torch
 
         self.encoder = serve.get_deployment_handle("Encoder", app_name)
-        self.decoder = serve.get_deployment_handle("Decoder", app_name)
+        self.decoder = serve.get_deployment_handle("Decoder", app_name).options(multiplexed_model_id=model)
         self.options = CaptionOptions(beam_size=beam_size)
         self.retries, self.timeout_s = retries, timeout_s
 
@@ -345,7 +364,7 @@ class ShardWriter:
         table = pa.concat_tables(self.buffer)
         name = f"part-{self.run_id}-{len(self.shards):05d}.{self.cfg.format}"
         uri = storage.join(self.cfg.out, RESULTS_DIR, name)
-        storage.write_bytes(uri, _encode(table, self.cfg.format), self.cfg.s3_endpoint)
+        storage.write_bytes(uri, _encode(table, self.cfg.format))
         failed = sum(1 for s in table.column("status").to_pylist() if s == "error")
         self.ok += len(table) - failed
         self.failed += failed
@@ -374,8 +393,8 @@ def _pipeline(cfg: BulkConfig, todo: list[storage.FileInfo], served: Served) -> 
         batch_size=cfg.read_batch_size,
         batch_format="numpy",
         fn_kwargs={
-            "image_size": served.image_size, "max_image_bytes": cfg.max_image_bytes, "max_pixels": cfg.max_pixels,
-            "retries": cfg.retries, "endpoint": cfg.s3_endpoint,
+            "image_size": served.image_size, "max_image_bytes": served.max_image_bytes,
+            "max_pixels": served.max_pixels, "retries": cfg.retries,
         },  # fmt: skip
         num_cpus=cfg.read_cpus,
     )
@@ -384,7 +403,7 @@ def _pipeline(cfg: BulkConfig, todo: list[storage.FileInfo], served: Served) -> 
         batch_size=cfg.in_flight,
         batch_format="numpy",
         fn_constructor_kwargs={
-            "app_name": cfg.app_name, "beam_size": cfg.beam_size, "retries": cfg.retries,
+            "app_name": cfg.app_name, "model": served.name, "beam_size": cfg.beam_size, "retries": cfg.retries,
             "timeout_s": cfg.request_timeout_s,
         },  # fmt: skip
         compute=ActorPoolStrategy(size=cfg.clients),
@@ -397,7 +416,7 @@ def _pipeline(cfg: BulkConfig, todo: list[storage.FileInfo], served: Served) -> 
 
 def _finish(cfg: BulkConfig, summary: BulkSummary, matched: list[storage.FileInfo]) -> None:
     """Fill the totals from every committed shard."""
-    results = read_results(cfg.out, cfg.s3_endpoint)
+    results = read_results(cfg.out)
     keys = results.column("key").to_pylist()
     statuses = dict(zip(keys, results.column("status").to_pylist()))
     summary.duplicates = len(keys) - len(statuses)
@@ -413,7 +432,7 @@ def caption_bucket(cfg: BulkConfig) -> BulkSummary:
     start = time.perf_counter()
     cfg = replace(cfg, source=storage.absolute(cfg.source), out=storage.absolute(cfg.out))  # as keys, and for workers
     listed, matched = list_sources(cfg)
-    done = set(read_results(cfg.out, cfg.s3_endpoint).column("key").to_pylist())
+    done = set(read_results(cfg.out).column("key").to_pylist())
     remaining = [f for f in matched if f.uri not in done]
     todo = remaining[: cfg.limit] if cfg.limit is not None else remaining
     summary = BulkSummary(cfg.source, cfg.out, listed, len(matched), len(matched) - len(remaining), len(todo),
@@ -442,7 +461,7 @@ def caption_bucket(cfg: BulkConfig) -> BulkSummary:
     summary.images_per_s = (writer.ok + writer.failed) / summary.elapsed_s
     _finish(cfg, summary, matched)
     data = json.dumps(asdict(summary), indent=2).encode("utf-8")
-    storage.write_bytes(storage.join(cfg.out, SUMMARY_FILE), data, cfg.s3_endpoint)
+    storage.write_bytes(storage.join(cfg.out, SUMMARY_FILE), data)
     return summary
 
 

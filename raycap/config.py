@@ -2,15 +2,20 @@
 
 The dataclasses stay where their code lives and are the single source of truth, defaults included
 (the reference recipe's): `ExtractConfig` (raycap.features) with its `EncoderConfig`
-(raycap.models.encoder), `TrainJobConfig` (raycap.train) with `DecoderConfig` (raycap.models.decoders)
-and `TrainConfig` (raycap.recipe), `DemoConfig` (raycap.demo), `BulkConfig` (raycap.bulk). This
-module only fills them, so it imports none of them (and no Ray):
+(raycap.models.encoder_config), `TrainJobConfig` (raycap.train) with `DecoderConfig` (raycap.models.decoders)
+and `TrainConfig` (raycap.recipe), `EvaluateConfig` (raycap.evaluate), `DemoConfig` (raycap.demo),
+`BulkConfig` (raycap.bulk). This module only fills them, so it imports none of them (and no Ray):
 
 * a YAML file holds one section per job, keyed by field name, nested like the dataclasses
   (configs/coco.yaml: `extract`, `train`, `evaluate`, `bulk`);
-* `JobParser` gives a job `--config FILE.yaml`: the file's section becomes the flags' defaults,
-  explicit flags win. Precedence: reference defaults < YAML < flags. Fields without a flag are
-  set from YAML alone;
+* each field says how the command line sets it: `flag("--name", default, help=...)` gives it one
+  flag, `nested(Factory)` offers a nested dataclass's flags, `file_only(default)` none;
+* `JobParser` derives a job's flags from its dataclass and gives `--config FILE.yaml`: the file's
+  section becomes the flags' defaults, explicit flags win. Precedence: reference defaults < YAML <
+  flags. File-only fields are set from YAML alone. It also gives `--s3-endpoint URL`, process
+  configuration rather than a field: parsing makes it the process's S3 endpoint
+  (`raycap.storage.set_endpoint`) before an s3:// --config is read, and `raycap.runtime.init_ray`
+  hands it to the job's Ray workers;
 * `from_dict` builds a (nested) dataclass with type checks and errors naming the key
   ("unknown key 'lr_decy' in section train.train; known: ...");
 * `print_config` prints the resolved section at job start as YAML, secrets redacted: the printout
@@ -42,7 +47,7 @@ import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar
 
 import yaml
 
@@ -239,12 +244,67 @@ def unflatten(flat: Mapping[str, Any], section: str = "") -> dict[str, Any]:
 
 # --- command lines -------------------------------------------------------------------------------
 
+_FLAG, _NESTED, _FILE_ONLY = "raycap.flag", "raycap.nested", "raycap.file_only"  # field metadata keys
+_KINDS = {_FLAG: "flag", _NESTED: "nested", _FILE_ONLY: "file_only"}
+
+
+def flag(name: str, default: Any = dataclasses.MISSING, *, help: str | None = None, **argparse_kwargs: Any) -> Any:
+    """A dataclass field that the job's command line sets with the flag `name` ("--num-workers").
+
+    The field's type gives argparse's `type`, `nargs` (tuples), `choices` (Literal) and `action`
+    (bools: store_true when False by default, --x/--no-x otherwise); `argparse_kwargs` add to them
+    (choices, metavar, action="append"), and `one_of="group"` puts the flag in a required either-or
+    group. A field without a default gets a required flag (the --config file may give it instead).
+    """
+    return dataclasses.field(default=default, metadata={_FLAG: {"name": name, "help": help, **argparse_kwargs}})
+
+
+def nested(default_factory: Callable[[], Any]) -> Any:
+    """A nested dataclass field whose own fields' flags are the job's (dest `field.inner`)."""
+    return dataclasses.field(default_factory=default_factory, metadata={_NESTED: True})
+
+
+def file_only(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A field deliberately without a flag: set from the --config file's section alone."""
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={_FILE_ONLY: True})
+
+
+def flag_kind(f: dataclasses.Field) -> str | None:
+    """How the command line treats a field: "flag", "nested" (its own fields' flags), "file_only",
+    or None when its dataclass does not say (a dataclass that is no job's config)."""
+    return next((kind for key, kind in _KINDS.items() if key in f.metadata), None)
+
+
+def _default(f: dataclasses.Field, parent: Any) -> Any:
+    """The field's default: the parent default's value (a nested field's), else the field's own."""
+    if parent is not None:
+        return getattr(parent, f.name)
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def _type_kwargs(tp: Any, default: Any, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """add_argument keywords that the type hint `tp` implies, where `spec` (the field's) does not say."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # X | None: an optional X
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is bool:
+        return {"action": "store_true" if default is False else argparse.BooleanOptionalAction}
+    if origin is typing.Literal:
+        return {"choices": list(args)}
+    if origin in (tuple, list):
+        item = args[0] if args else str
+        many = {} if "action" in spec else {"nargs": "+"}
+        return {**many, **({"type": item} if item in (int, float) else {})}
+    return {"type": tp} if tp in (int, float) else {}
+
 
 def _shows_default(action: argparse.Action) -> bool:
     return bool(action.option_strings) and not action.required and action.default not in (None, argparse.SUPPRESS)
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the job's docstring as written and shows each flag's default (the reference's, or
     the --config file's when --config comes before --help)."""
 
@@ -254,40 +314,96 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{action.help} (default: %(default)s)"
 
 
-class JobParser(argparse.ArgumentParser):
-    """An ArgumentParser with `--config FILE.yaml`, whose `section` gives the flags' defaults.
+class JobParser(argparse.ArgumentParser, Generic[T]):
+    """An ArgumentParser whose flags come from the job's dataclass `cls`, with `--config FILE.yaml`
+    (whose `section` gives the flags' defaults) and `--s3-endpoint URL`.
 
-    A flag's `dest` is its field's dotted path in the job's dataclass (`dest="num_encoders"`,
-    `dest="encoder.arch"`), so flag names stay short and the YAML keys are the field names.
-    Required flags stop being required when the file gives their value. Parsing adjusts the
-    parser to the file, so build one parser per parse.
+    Each field made with `flag` is one flag, its `dest` the field's dotted path (`num_encoders`,
+    `encoder.arch` for a `nested` field's), so flag names stay short and the YAML keys are the
+    field names. `overrides` changes a flag's add_argument keywords by dest, for a job that takes
+    more than its dataclass does (train's `--model both`). Required flags stop being required when
+    the file gives their value. Parsing adjusts the parser to the file, so build one parser per
+    parse; it also applies --s3-endpoint to the process. Abbreviated flags are refused (`--epoch` is
+    not `--epochs`). Without a `section` there is no --config (jobs/serve.py has its own).
     """
 
-    def __init__(self, description: str | None, section: str, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", _HelpFormatter)
+    def __init__(
+        self,
+        description: str | None,
+        section: str | None,
+        cls: type[T] | None = None,
+        overrides: Mapping[str, Mapping[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(description=description, **kwargs)
-        self.section = section
+        self.section, self.cls = section, cls
+        if section is not None:
+            self.add_argument(
+                "--config",
+                metavar="FILE.yaml",
+                help=f"YAML file (or s3:// URI) whose '{section}:' section sets defaults; flags override it",
+            )
         self.add_argument(
-            "--config",
-            metavar="FILE.yaml",
-            help=f"YAML file (or s3:// URI) whose '{section}:' section sets defaults; flags override it",
+            "--s3-endpoint",
+            metavar="URL",
+            help="S3-compatible server for every s3:// URI of the job, --config and Ray workers included "
+            "(default: AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, else AWS)",
         )
+        self._own = {a.dest for a in self._actions}  # help, config, s3_endpoint: not fields
+        if cls is not None:
+            overrides = {k: dict(v) for k, v in (overrides or {}).items()}
+            self._add_flags(cls, "", None, overrides, {})
+            if overrides:
+                raise ValueError(f"{cls.__name__} has no flag for the overrides of {', '.join(overrides)}")
 
-    def parse_values(self, argv: Sequence[str] | None = None, cls: type | None = None) -> dict[str, Any]:
+    def _add_flags(
+        self, cls: type, prefix: str, parent: Any, overrides: dict[str, dict[str, Any]], groups: dict[str, Any]
+    ) -> None:
+        """One flag per `flag` field of `cls`, descending into `nested` fields (`parent`: their
+        default, whose values are the nested flags' defaults)."""
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            dest, default = prefix + f.name, _default(f, parent)
+            kind = flag_kind(f)
+            if kind == "nested":
+                self._add_flags(hints[f.name], f"{dest}.", default, overrides, groups)
+            if kind != "flag":
+                continue
+            spec = {k: v for k, v in f.metadata[_FLAG].items() if k != "name"}
+            kwargs = {**_type_kwargs(hints[f.name], default, spec), **spec, **overrides.pop(dest, {})}
+            one_of = kwargs.pop("one_of", None)
+            if default is dataclasses.MISSING:
+                kwargs["required"] = one_of is None
+            else:
+                kwargs.setdefault("default", list(default) if isinstance(default, tuple) else default)
+            if one_of is not None and one_of not in groups:
+                groups[one_of] = self.add_mutually_exclusive_group(required=True)
+            target = groups[one_of] if one_of is not None else self
+            target.add_argument(f.metadata[_FLAG]["name"], dest=dest, **kwargs)
+
+    def parse_values(self, argv: Sequence[str] | None = None) -> dict[str, Any]:
         """The resolved section as nested dicts: reference defaults < YAML < explicit flags.
 
-        `cls` (the job's dataclass) tells which YAML mappings are nested dataclasses. Repeatable
-        (append) flags replace the file's list, and a flag of a mutually exclusive group replaces
-        the file's value for every member of that group.
+        Repeatable (append) flags replace the file's list, and a flag of a mutually exclusive group
+        replaces the file's value for every member of that group.
         """
         argv = list(sys.argv[1:] if argv is None else argv)
-        pre = argparse.ArgumentParser(add_help=False)
-        pre.add_argument("--config")
-        config_file = pre.parse_known_args(argv)[0].config
-        from_file = flatten(cls, load_yaml(config_file, self.section)) if config_file else {}
+        pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+        pre.add_argument("--s3-endpoint")
+        if self.section is not None:
+            pre.add_argument("--config")
+        process = pre.parse_known_args(argv)[0]
+        if process.s3_endpoint:
+            from raycap import storage  # boto3 and pyarrow, only when needed
+
+            storage.set_endpoint(process.s3_endpoint)
+        config_file = getattr(process, "config", None)
+        from_file = flatten(self.cls, load_yaml(config_file, self.section)) if config_file else {}
 
         # argparse keeps its actions and groups in private lists; they are stable since Python 3.2.
-        actions = [a for a in self._actions if a.dest not in ("help", "config")]
+        actions = [a for a in self._actions if a.dest not in self._own]
         groups = [g._group_actions for g in self._mutually_exclusive_groups]
         defaults = {a.dest: a.default for a in actions}  # the reference's, before the file's replace them
         for action in actions:
@@ -308,11 +424,13 @@ class JobParser(argparse.ArgumentParser):
             if any(a.dest in given for a in members):
                 for a in members:
                     from_file.pop(a.dest, None)
-        return unflatten({**defaults, **from_file, **given}, self.section)
+        return unflatten({**defaults, **from_file, **given}, self.section or "")
 
-    def parse_config(self, cls: type[T], argv: Sequence[str] | None = None) -> T:
+    def parse_config(self, argv: Sequence[str] | None = None) -> T:
         """The job's dataclass from defaults < YAML < flags (every flag's dest must be a field)."""
-        return from_dict(cls, self.parse_values(argv, cls), self.section)
+        if self.cls is None:
+            raise TypeError("parse_config needs the parser's dataclass: JobParser(..., cls=...)")
+        return from_dict(self.cls, self.parse_values(argv), self.section or "")
 
 
 # --- printing ------------------------------------------------------------------------------------

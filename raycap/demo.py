@@ -1,5 +1,5 @@
 """The end-to-end demo: synthetic COCO-format data -> Ray Data features -> Ray Train (both decoders)
--> evaluation with metrics and attention pictures. Runs on a 2-core laptop without GPU or network.
+-> evaluation with metrics, attention pictures and a side-by-side sheet of both models' captions. Runs on a 2-core laptop without GPU or network.
 
 It follows the Karpathy protocol: features of the synthetic set's Karpathy splits, training on
 train + restval, selection on val, the report on test. The encoder is EfficientNet-Lite0 with its
@@ -12,17 +12,19 @@ the real code path used on COCO.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from raycap.config import file_only, flag
 from raycap.data.splits import KARPATHY
 from raycap.data.synthetic import generate, load_ground_truth, names_objects_correctly
-from raycap.evaluate import evaluate_checkpoint, metrics_table
+from raycap.evaluate import EvaluateConfig, evaluate_checkpoint, metrics_table
 from raycap.features import ExtractConfig, extract_features
 from raycap.models.decoders import DecoderConfig
-from raycap.models.encoder import EncoderConfig
+from raycap.models.decoding import BEAM_SIZE
+from raycap.models.encoder_config import EncoderConfig
 from raycap.recipe import TrainConfig
 from raycap.runtime import init_ray
 from raycap.train import TrainJobConfig, train_models
@@ -30,16 +32,22 @@ from raycap.train import TrainJobConfig, train_models
 
 @dataclass(frozen=True)
 class DemoConfig:
-    out: str = "demo_out"
-    n_train: int = 900  # train2017 images; Karpathy: 600 train, 200 restval, 100 val, 100 test with n_val 100
-    n_val: int = 100
-    seed: int = 0
-    encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig("efficientnet_lite0", "imagenet", 7, 224))
-    decoder_dim: int = 256  # embed, decoder and attention dims (reference: 512)
-    epochs: int = 15
-    captions_per_step: int = 128  # all workers together, at lr 4e-4 x 128/32 (reference: 32)
-    num_workers: int = 2
-    beam_size: int = 3
+    out: str = flag("--out", "demo_out", help="output folder")
+    # Karpathy: 600 train, 200 restval, 100 val, 100 test with n_val 100
+    n_train: int = flag("--train", 900, metavar="N", help="synthetic train2017 images")
+    n_val: int = flag("--val", 100, metavar="N", help="synthetic val2017 images")
+    seed: int = flag("--seed", 0)
+    encoder: EncoderConfig = file_only(
+        default_factory=lambda: EncoderConfig("efficientnet_lite0", "imagenet", 7, 224)
+    )
+    decoder_dim: int = file_only(256)  # embed, decoder and attention dims (reference: 512)
+    epochs: int = flag("--epochs", 15)
+    captions_per_step: int = flag(
+        "--captions-per-step", 128,
+        help="captions per optimizer step, all workers together (lr scaled linearly from 32)",
+    )  # at lr 4e-4 x 128/32 (reference: 32)
+    num_workers: int = flag("--num-workers", 2, help="Ray Train workers")
+    beam_size: int = file_only(BEAM_SIZE)
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, dict[str, float]]:
@@ -85,13 +93,21 @@ def run_demo(cfg: DemoConfig) -> dict[str, dict[str, float]]:
     table, pictures, samples = {}, [], {}
     for kind, outcome in outcomes.items():
         result = evaluate_checkpoint(  # the checkpoint's features and report split
-            outcome.best_checkpoint, None, str(out / "eval" / kind), beam_size=cfg.beam_size,
-            pictures=4 if kind == "attention" else 0,
+            EvaluateConfig(
+                outcome.best_checkpoint, out=str(out / "eval" / kind), beam_size=cfg.beam_size,
+                pictures=4 if kind == "attention" else 0,
+            )
         )
         correct = np.mean([names_objects_correctly(c, truth[i]) for i, c in result.predictions.items()])
         table[kind] = {**result.metrics, "objects_correct": float(correct)}
         pictures += result.pictures
         samples[kind] = result.predictions
+    side_by_side = evaluate_checkpoint(  # both models' captions of the report split, one sheet
+        EvaluateConfig(
+            outcomes["attention"].best_checkpoint, out=str(out / "eval" / "compare"), beam_size=cfg.beam_size,
+            pictures=0, compare=(outcomes["gru"].best_checkpoint,),
+        )
+    )  # fmt: skip
     timings["evaluation"] = time.time() - t0
 
     print("\n=== raycap demo ===")
@@ -121,4 +137,5 @@ def run_demo(cfg: DemoConfig) -> dict[str, dict[str, float]]:
         print(f"  {kind} run:   {outcome.run_dir} (best checkpoint {outcome.best_checkpoint})")
     print(f"  evaluation:    {out / 'eval'}")
     print("  attention pictures:\n" + "\n".join(f"    {p}" for p in pictures))
+    print("  comparison sheet (attention vs gru):\n" + "\n".join(f"    {p}" for p in side_by_side.sheet))
     return table

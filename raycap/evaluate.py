@@ -1,9 +1,14 @@
 """Score a checkpoint on a split of extracted features; write predictions, metrics and attention pictures.
 
-By default the split is the checkpoint's report split and the features its own feature root
-(`raycap.data.splits`). A split that shares images with the checkpoint's training images is
-refused (`TrainOverlapError`) unless overlap is allowed, and every result is labelled with the
-split's role: scores on the selection split are optimistic, since the checkpoint was chosen on them.
+The checkpoint, the features and the outputs are folders or s3:// prefixes alike. By default the
+split is the checkpoint's report split and the features its own feature root (`raycap.data.splits`).
+Features made by another encoder than the checkpoint's are refused (`EncoderMismatchError`). A split
+that shares images with the checkpoint's training images is refused (`TrainOverlapError`) unless
+overlap is allowed, and every result is labelled with the split's role: scores on the selection
+split are optimistic, since the checkpoint was chosen on them.
+
+With other checkpoints to compare (`compare`), it captions the same images with each and writes a
+side-by-side sheet (`raycap.sheet`: HTML and PNG) of every model's captions with per-image scores.
 
 Predictions are in COCO's results format (`[{"image_id", "caption"}]`), so the official COCO
 caption tools read them too. Attention pictures show, for each word, where the decoder looked
@@ -12,12 +17,12 @@ caption tools read them too. Attention pictures show, for each word, where the d
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -25,11 +30,15 @@ from PIL import Image, ImageDraw, ImageFont
 
 from raycap import feature_store as fstore
 from raycap import storage
+from raycap.config import flag
 from raycap.data.images import load_image
 from raycap.data.splits import SplitRef, TrainingData
-from raycap.metrics import official_scores, score_captions
+from raycap.metrics import official_scores, per_image_scores, score_captions
 from raycap.models.checkpoint import CaptionModel, load_checkpoint
+from raycap.models.decoding import BEAM_SIZE, MAX_DECODE_LEN
+from raycap.models.encoder_config import EncoderConfig
 from raycap.recipe import caption_features
+from raycap.sheet import sheet_html, sheet_png, sheet_rows
 
 PANEL = 160  # pixels per picture panel
 METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider_d")  # the order tables show
@@ -37,6 +46,44 @@ METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider_d")  
 
 class TrainOverlapError(ValueError):
     """The split to score shares images with the checkpoint's training images (or they are unknown)."""
+
+
+class EncoderMismatchError(ValueError):
+    """The features to score were made by another encoder than the one the checkpoint was trained on."""
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """What to score and how; decoding defaults are training's validation ones (raycap.models.decoding)."""
+
+    checkpoint: str = flag("--checkpoint", help="checkpoint folder or s3:// prefix written by jobs/train.py")
+    features: str | None = flag(
+        "--features", None, help="extraction output root (folder or s3:// prefix); default: the checkpoint's"
+    )
+    split: str | None = flag(
+        "--split", None, help="split to score (test, val, val:even, ...); default: the checkpoint's report split"
+    )
+    out: str = flag("--out", "eval_out", help="folder or s3:// prefix for predictions, metrics and pictures")
+    beam_size: int = flag("--beam-size", BEAM_SIZE)
+    max_decode_len: int = flag("--max-decode-len", MAX_DECODE_LEN, help="words per caption at most")
+    allow_unk: bool = flag(
+        "--allow-unk", False,
+        help="let captions hold <unk> (the word for every rare word); by default beam search never emits it",
+    )
+    pictures: int = flag("--pictures", 4, help="attention pictures to draw (attention model)")
+    compare: tuple[str, ...] = flag(
+        "--compare", (), action="append",
+        help="another checkpoint to caption the same images with (repeatable; same encoder): writes a "
+        "side-by-side sheet, compare_SPLIT.html and .png, of every model's captions with per-image BLEU-4/CIDEr-D",
+    )
+    allow_train_overlap: bool = flag(
+        "--allow-train-overlap", False,
+        help="score a split even if it holds images the checkpoint was trained on (the result is not held out)",
+    )
+    official: bool = flag(
+        "--official", False,
+        help="also score with the COCO caption toolkit's Java tokenizer and METEOR, side by side (needs java)",
+    )
 
 
 @dataclass
@@ -49,6 +96,8 @@ class EvalResult:
     predictions_file: str
     metrics_file: str
     pictures: list[str]
+    models: dict[str, dict[str, float]] = field(default_factory=dict)  # with `compare`: every model's metrics
+    sheet: list[str] = field(default_factory=list)  # with `compare`: the sheet's HTML and PNG
 
 
 def attention_picture(image: np.ndarray, words: Sequence[str], alphas: np.ndarray, caption: str) -> Image.Image:
@@ -78,8 +127,24 @@ def attention_picture(image: np.ndarray, words: Sequence[str], alphas: np.ndarra
     return sheet
 
 
-def _image_keys(features_root: str, split: str, endpoint: str | None) -> dict[int, str]:
-    return dict(zip(*fstore.read_keys(features_root, split, endpoint)))
+def _image_keys(features_root: str, split: str) -> dict[int, str]:
+    return dict(zip(*fstore.read_keys(features_root, split)))
+
+
+def _encoder_words(cfg: EncoderConfig) -> str:
+    return f"{cfg.arch} ({cfg.weights} weights) at {cfg.image_size}x{cfg.image_size}, grid {cfg.grid}"
+
+
+def check_encoder(
+    checkpoint: str, expected: EncoderConfig, features_root: str, split: str, found: EncoderConfig | None
+) -> None:
+    """EncoderMismatchError unless the features of `split` were made by the checkpoint's encoder: a
+    decoder fed another trunk's features (even with as many channels) scores without failing, wrongly."""
+    if found is not None and found != expected:
+        raise EncoderMismatchError(
+            f"the features of {split} under {features_root} were made by {_encoder_words(found)}, but checkpoint "
+            f"{checkpoint} was trained on {_encoder_words(expected)}: give --features extracted with its encoder"
+        )
 
 
 def held_out_label(checkpoint: str, split: str, image_ids: np.ndarray, data: TrainingData | None, allow: bool) -> str:
@@ -110,77 +175,115 @@ def held_out_label(checkpoint: str, split: str, image_ids: np.ndarray, data: Tra
     return f"{split} (report split)" if split == data.report_split else f"{split} (held out)"
 
 
-def evaluate_checkpoint(
-    checkpoint: str,
-    features_root: str | None,
-    out_dir: str,
-    *,
-    split: str | None = None,
-    beam_size: int = 3,
-    max_decode_len: int = 50,
-    allow_unk: bool = False,
-    pictures: int = 4,
-    endpoint: str | None = None,
-    allow_train_overlap: bool = False,
-    official: bool = False,
-) -> EvalResult:
-    """Caption every image of `split` (default: the checkpoint's report split) with `checkpoint`, score
-    it (also with the COCO toolkit's Java scorers if `official`) and write the outputs to `out_dir`.
-    `features_root` None means the checkpoint's own. Captions never hold <unk> unless `allow_unk`."""
-    if official and shutil.which("java") is None:
+def evaluate_checkpoint(cfg: EvaluateConfig) -> EvalResult:
+    """Caption every image of `cfg.split` (default: the checkpoint's report split) with `cfg.checkpoint`,
+    score it (also with the COCO toolkit's Java scorers if `cfg.official`) and write the outputs to
+    `cfg.out` (each a folder or s3:// prefix). `cfg.features` None means the checkpoint's own.
+    Captions never hold <unk> unless `cfg.allow_unk`."""
+    beam_size, max_decode_len, allow_unk = cfg.beam_size, cfg.max_decode_len, cfg.allow_unk
+    if cfg.official and shutil.which("java") is None:
         raise FileNotFoundError(
             "--official needs java on PATH (the COCO caption toolkit's tokenizer and METEOR are Java programs): "
             "install a Java runtime (e.g. apt-get install default-jre-headless) or leave out --official"
         )
+    checkpoint, out_dir = storage.absolute(cfg.checkpoint), storage.absolute(cfg.out)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model: CaptionModel = load_checkpoint(checkpoint, device)
     data = model.data
-    features_root = features_root or (data.features if data else None)
-    split = split or (data.report_split if data else None)
+    features_root = cfg.features or (data.features if data else None)
+    split = cfg.split or (data.report_split if data else None)
     if features_root is None or split is None:
         raise ValueError(f"checkpoint {checkpoint} records no feature root or report split: give --features and --split")
     ref = SplitRef.parse(split)
-    references = fstore.read_references(features_root, ref.name, endpoint)
-    listed = fstore.split_state(features_root, ref.name, endpoint).feature_ids  # (N,): checked before features are read
+    references = fstore.read_references(features_root, ref.name)
+    listed = fstore.split_state(features_root, ref.name).feature_ids  # (N,): checked before features are read
     listed = listed[ref.keep(listed) & np.isin(listed, list(references))]
     if not len(listed):
         raise ValueError(f"split {split} has no images with both features and captions under {features_root}")
-    label = held_out_label(checkpoint, split, listed, data, allow_train_overlap)
-    image_ids, features = fstore.read_features(features_root, ref.name, endpoint)  # (N,), (N, P, C)
+    spec = fstore.stored_spec(features_root, ref.name)  # the first shard's; read_features checks the rest
+    check_encoder(checkpoint, model.encoder_cfg, features_root, split, spec.encoder if spec else None)
+    label = held_out_label(checkpoint, split, listed, data, cfg.allow_train_overlap)
+    image_ids, features = fstore.read_features(features_root, ref.name)  # (N,), (N, P, C)
     keep = np.isin(image_ids, listed)
     image_ids, features = image_ids[keep], features[keep]
     found = caption_features(model.decoder, features, model.vocab, beam_size, max_decode_len, allow_unk=allow_unk)
     predictions = {int(i): model.vocab.decode(c[0].tokens) for i, c in zip(image_ids, found)}
     metrics = score_captions(references, predictions)
-    official_metrics = official_scores(references, predictions) if official else None
+    official_metrics = official_scores(references, predictions) if cfg.official else None
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     name = split.replace(":", "-")
-    predictions_file = out / f"predictions_{name}.json"
-    predictions_file.write_text(json.dumps([{"image_id": i, "caption": c} for i, c in sorted(predictions.items())]))
-    metrics_file = out / f"metrics_{name}.json"
+    predictions_file = storage.join(out_dir, f"predictions_{name}.json")
+    rows = [{"image_id": i, "caption": c} for i, c in sorted(predictions.items())]
+    storage.write_bytes(predictions_file, json.dumps(rows).encode("utf-8"))
+    metrics_file = storage.join(out_dir, f"metrics_{name}.json")
     summary = {
         "checkpoint": checkpoint, "features": features_root, "split": split, "label": label,
         "images": len(predictions), "beam_size": beam_size, "max_decode_len": max_decode_len,
         "allow_unk": allow_unk,
         **metrics, "official": official_metrics,
     }  # fmt: skip
-    metrics_file.write_text(json.dumps(summary, indent=2))
+    storage.write_bytes(metrics_file, json.dumps(summary, indent=2).encode("utf-8"))
 
     written = []
-    if pictures and found[0][0].alphas is not None:
-        keys = _image_keys(features_root, ref.name, endpoint)
-        for image_id, captions in list(zip(image_ids.tolist(), found))[:pictures]:
+    if cfg.pictures and found[0][0].alphas is not None:
+        keys = _image_keys(features_root, ref.name)
+        for image_id, captions in list(zip(image_ids.tolist(), found))[: cfg.pictures]:
             best = captions[0]
-            image, _ = load_image(storage.read_bytes(keys[image_id], endpoint), model.encoder_cfg.image_size)
+            image, _ = load_image(storage.read_bytes(keys[image_id]), model.encoder_cfg.image_size)
             words = [model.vocab.itos[t] for t in best.tokens]
-            path = out / f"attention_{image_id}.png"
-            attention_picture(image, words, best.alphas.numpy(), model.vocab.decode_text(best.tokens)).save(path)
-            written.append(str(path))
-    return EvalResult(
-        split, label, metrics, official_metrics, predictions, str(predictions_file), str(metrics_file), written
-    )
+            picture = attention_picture(image, words, best.alphas.numpy(), model.vocab.decode_text(best.tokens))
+            png = io.BytesIO()
+            picture.save(png, format="PNG")
+            path = storage.join(out_dir, f"attention_{image_id}.png")
+            storage.write_bytes(path, png.getvalue())
+            written.append(path)
+    result = EvalResult(split, label, metrics, official_metrics, predictions, predictions_file, metrics_file, written)
+    if cfg.compare:
+        result.models, result.sheet = _compare(cfg, model, result, features, image_ids, references, features_root)
+    return result
+
+
+def _labels(models: Sequence[CaptionModel]) -> list[str]:
+    """Each model's decoder kind (attention, gru), numbered where two share one."""
+    kinds = [m.decoder_cfg.kind for m in models]
+    return [f"{k} #{kinds[:i].count(k) + 1}" if kinds.count(k) > 1 else k for i, k in enumerate(kinds)]
+
+
+def _compare(
+    cfg: EvaluateConfig,
+    model: CaptionModel,
+    result: EvalResult,
+    features: np.ndarray,
+    image_ids: np.ndarray,
+    references: dict[int, list[str]],
+    features_root: str,
+) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """Caption the scored images (features (N, P, C), image_ids (N,)) with each of `cfg.compare`,
+    refused as the first checkpoint is (another encoder, trained on these images); write the sheet.
+    Returns each model's metrics by label, and the sheet's HTML and PNG paths."""
+    split, device = result.split, "cuda" if torch.cuda.is_available() else "cpu"
+    others = {storage.absolute(c): load_checkpoint(storage.absolute(c), device) for c in cfg.compare}
+    labels = _labels([model, *others.values()])
+    captions = {labels[0]: result.predictions}  # model -> {image_id: caption}
+    for (checkpoint, other), label in zip(others.items(), labels[1:]):
+        check_encoder(checkpoint, other.encoder_cfg, features_root, split, model.encoder_cfg)
+        held_out_label(checkpoint, split, image_ids, other.data, cfg.allow_train_overlap)
+        found = caption_features(other.decoder, features, other.vocab, cfg.beam_size, cfg.max_decode_len,
+                                 allow_unk=cfg.allow_unk)  # fmt: skip
+        captions[label] = {int(i): other.vocab.decode(c[0].tokens) for i, c in zip(image_ids, found)}
+    scores = {label: per_image_scores(references, predictions) for label, predictions in captions.items()}
+    metrics = {label: score_captions(references, predictions) for label, predictions in captions.items()}
+    keys = _image_keys(features_root, SplitRef.parse(split).name)
+    images = {i: load_image(storage.read_bytes(keys[i]), model.encoder_cfg.image_size)[0] for i in result.predictions}
+    rows = sheet_rows(images, references, captions, scores)
+    title = f"{' vs '.join(captions)} on {result.label}, beam {cfg.beam_size}"
+    name = split.replace(":", "-")
+    html_file, png_file = (storage.join(storage.absolute(cfg.out), f"compare_{name}.{ext}") for ext in ("html", "png"))
+    storage.write_bytes(html_file, sheet_html(rows, title).encode("utf-8"))
+    png = io.BytesIO()
+    sheet_png(rows, title).save(png, format="PNG")
+    storage.write_bytes(png_file, png.getvalue())
+    return metrics, [html_file, png_file]
 
 
 def metrics_table(rows: dict[str, dict[str, float]], header: str = "model") -> str:

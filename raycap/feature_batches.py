@@ -14,16 +14,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource.datasink import WriteResult
 
 from raycap import feature_store as fstore
 from raycap import storage
-from raycap.data.images import ImageError, load_image
+from raycap.data.images import load_images
 from raycap.feature_store import FeatureSpec
-from raycap.models.encoder import Encoder, pool_to_grid
 
 if TYPE_CHECKING:
     from ray.data._internal.execution.interfaces import TaskContext  # Datasink.write's argument type
@@ -31,28 +29,15 @@ if TYPE_CHECKING:
 Batch = dict[str, np.ndarray]
 
 
-def decode_batch(batch: Batch, image_size: int, max_pixels: int, endpoint: str | None) -> Batch:
-    """Read, decode and resize each image; an unusable one gets an `error` reason instead of a crash.
-
-    Adds image (B, S, S, 3) uint8, width, height, converted_from (original mode or ""), error ("" if ok).
-    """
-    n = len(batch["key"])
-    images = np.zeros((n, image_size, image_size, 3), np.uint8)  # (B, S, S, 3)
-    widths, heights = np.zeros(n, np.int32), np.zeros(n, np.int32)
+def decode_batch(batch: Batch, image_size: int, max_pixels: int) -> Batch:
+    """Read, decode and resize each image (`load_images`); an unusable one gets an `error` reason
+    instead of a crash. Adds image (B, S, S, 3) uint8, width, height, converted_from (original mode
+    or ""), error ("" if ok)."""
+    images, decoded, errors = load_images(batch["key"], storage.read_bytes, image_size, max_pixels)
+    widths = np.array([d.width if d else 0 for d in decoded], np.int32)  # (B,)
+    heights = np.array([d.height if d else 0 for d in decoded], np.int32)  # (B,)
     # "" rather than None: an all-None object column would lose its string type in Arrow.
-    converted = np.full(n, "", dtype=object)
-    errors = np.full(n, "", dtype=object)
-    for i, key in enumerate(batch["key"]):
-        try:
-            images[i], decoded = load_image(storage.read_bytes(key, endpoint), image_size, max_pixels)
-        except ImageError as exc:
-            errors[i] = str(exc)
-        except OSError as exc:  # missing file, permissions, network
-            errors[i] = f"could not read: {exc}"
-        except Exception as exc:  # a decoder bug on one odd file must not stop a million-image run
-            errors[i] = f"unexpected {type(exc).__name__} while decoding: {exc}"
-        else:
-            widths[i], heights[i], converted[i] = decoded.width, decoded.height, decoded.converted_from or ""
+    converted = np.array([(d.converted_from or "") if d else "" for d in decoded], dtype=object)  # (B,)
     return {**batch, "image": images, "width": widths, "height": heights, "converted_from": converted, "error": errors}
 
 
@@ -61,18 +46,25 @@ class FeatureEncoder:
     at the spec's stored grid (pooled on the encoder's device, in float32, when not the native one)."""
 
     def __init__(self, spec: FeatureSpec, torch_threads: int | None = None) -> None:
+        import torch  # here, not at the top: decode tasks and the sink import this module, and need no torch
+
+        from raycap.models.encoder import Encoder
+
         if torch_threads:
             torch.set_num_threads(torch_threads)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.encoder = Encoder(spec.encoder).to(device)
         self.spec = spec
+        self.dtype = getattr(torch, spec.dtype)  # cast on the encoder's device: fewer bytes to copy back
 
     def __call__(self, batch: Batch) -> Batch:
+        from raycap.models.encoder import pool_to_grid  # loaded by __init__
+
         ok = batch["error"] == ""  # (B,) bool
         features = np.zeros((len(ok), *self.spec.shape), self.spec.dtype)  # (B, P, C); failed rows stay 0
         if ok.any():
             encoded = pool_to_grid(self.encoder.encode(batch["image"][ok]), self.spec.stored_grid)  # (N, P, C) float32
-            features[ok] = encoded.to(getattr(torch, self.spec.dtype)).cpu().numpy()
+            features[ok] = encoded.to(self.dtype).cpu().numpy()
         out = {k: v for k, v in batch.items() if k != "image"}
         return {**out, "features": features}
 
@@ -80,8 +72,8 @@ class FeatureEncoder:
 class FeatureSink(Datasink[dict[str, Counter]]):
     """Writes each block's rows per split: good rows to features/, failed ones to errors/."""
 
-    def __init__(self, out: str, spec: FeatureSpec, rows_per_shard: int, endpoint: str | None) -> None:
-        self.out, self.spec, self.rows_per_shard, self.endpoint = out, spec, rows_per_shard, endpoint
+    def __init__(self, out: str, spec: FeatureSpec, rows_per_shard: int) -> None:
+        self.out, self.spec, self.rows_per_shard = out, spec, rows_per_shard
         self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"  # shard names never collide
         self.counts: dict[str, Counter] = {}
 
@@ -113,11 +105,11 @@ class FeatureSink(Datasink[dict[str, Counter]]):
                 [mode or None for mode in good.column("converted_from").to_pylist()],
                 features,
             )
-            fstore.write_table(table, storage.join(fstore.features_dir(self.out, split), name), self.endpoint)
+            fstore.write_table(table, storage.join(fstore.features_dir(self.out, split), name))
         if len(failed):
             keys, reasons = failed.column("key").to_pylist(), failed.column("error").to_pylist()
             table = fstore.errors_table(keys, failed.column("image_id").to_numpy(), reasons)
-            fstore.write_table(table, storage.join(fstore.errors_dir(self.out, split), name), self.endpoint)
+            fstore.write_table(table, storage.join(fstore.errors_dir(self.out, split), name))
         return counts
 
     def on_write_complete(self, write_result: WriteResult[dict[str, Counter]]) -> None:

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from raycap import storage
 from raycap.data.vocab import Vocab
-from raycap.models.encoder import EncoderConfig
+from raycap.models.encoder_config import EncoderConfig
 
 FEATURES, CAPTIONS, ERRORS = "features", "captions", "errors"
 VOCAB_FILE, MANIFEST_FILE = "vocab.json", "manifest.json"
@@ -137,20 +137,20 @@ def captions_uri(out: str, split: str) -> str:
     return storage.join(out, CAPTIONS, f"{split}.parquet")
 
 
-def list_shards(directory: str, endpoint: str | None = None) -> list[storage.FileInfo]:
+def list_shards(directory: str) -> list[storage.FileInfo]:
     """Published Parquet shards under `directory`, sorted; none if it does not exist yet."""
-    if not storage.exists(directory, endpoint):
+    if not storage.exists(directory):
         return []
-    return storage.list_files(directory, [".parquet"], endpoint)
+    return storage.list_files(directory, [".parquet"])
 
 
-def write_table(table: pa.Table, uri: str, endpoint: str | None = None) -> int:
+def write_table(table: pa.Table, uri: str) -> int:
     """Write `table` as one Parquet file, published atomically; returns its size in bytes."""
     sink = pa.BufferOutputStream()
     # Only converted_from repeats; dictionary-encoding float features or unique keys would only cost time.
     pq.write_table(table, sink, use_dictionary=["converted_from"])
     data = sink.getvalue().to_pybytes()
-    storage.write_bytes(uri, data, endpoint)
+    storage.write_bytes(uri, data)
     return len(data)
 
 
@@ -198,40 +198,40 @@ def captions_table(image_ids: list[int], texts: list[str], vocab: Vocab) -> pa.T
     )
 
 
-def _read(uris: list[str], columns: list[str], endpoint: str | None) -> pa.Table:
+def _read(uris: list[str], columns: list[str]) -> pa.Table:
     """Selected columns of many Parquet files, read in parallel."""
-    fs, _ = storage.filesystem(uris[0], endpoint)
-    paths = [storage.filesystem(uri, endpoint)[1] for uri in uris]
+    fs, _ = storage.filesystem(uris[0])
+    paths = [storage.filesystem(uri)[1] for uri in uris]
     return pads.dataset(paths, filesystem=fs, format="parquet").to_table(columns=columns)
 
 
-def split_state(out: str, split: str, endpoint: str | None = None) -> SplitState:
+def split_state(out: str, split: str) -> SplitState:
     """Read the ids (and small columns) of a split's published shards, for resuming and the manifest."""
-    feature_shards = list_shards(features_dir(out, split), endpoint)
-    error_uris = [info.uri for info in list_shards(errors_dir(out, split), endpoint)]
+    feature_shards = list_shards(features_dir(out, split))
+    error_uris = [info.uri for info in list_shards(errors_dir(out, split))]
     empty = np.zeros(0, np.int64)
     feature_ids, converted = empty, 0
     if feature_shards:
-        table = _read([info.uri for info in feature_shards], ["image_id", "converted_from"], endpoint)
+        table = _read([info.uri for info in feature_shards], ["image_id", "converted_from"])
         feature_ids = table.column("image_id").to_numpy()
         converted = len(table) - table.column("converted_from").null_count
     feature_bytes = sum(info.size for info in feature_shards)
-    error_ids = _read(error_uris, ["image_id"], endpoint).column("image_id").to_numpy() if error_uris else empty
+    error_ids = _read(error_uris, ["image_id"]).column("image_id").to_numpy() if error_uris else empty
     return SplitState(feature_ids, error_ids, converted, feature_bytes)
 
 
-def stored_spec(out: str, split: str, endpoint: str | None = None) -> FeatureSpec | None:
+def stored_spec(out: str, split: str) -> FeatureSpec | None:
     """The spec recorded in the split's first features shard, or None if there is none yet."""
-    shards = list_shards(features_dir(out, split), endpoint)
+    shards = list_shards(features_dir(out, split))
     if not shards:
         return None
     uri = shards[0].uri
-    fs, path = storage.filesystem(uri, endpoint)
+    fs, path = storage.filesystem(uri)
     return FeatureSpec.from_metadata(pq.read_schema(path, filesystem=fs).metadata, uri)
 
 
-def _feature_uris(out: str, split: str, endpoint: str | None) -> list[str]:
-    uris = [info.uri for info in list_shards(features_dir(out, split), endpoint)]
+def _feature_uris(out: str, split: str) -> list[str]:
+    uris = [info.uri for info in list_shards(features_dir(out, split))]
     if not uris:
         raise FileNotFoundError(
             f"no feature shards under {features_dir(out, split)}: run jobs/extract_features.py --out {out} first"
@@ -239,18 +239,18 @@ def _feature_uris(out: str, split: str, endpoint: str | None) -> list[str]:
     return uris
 
 
-def read_feature_shard(uri: str, endpoint: str | None = None) -> tuple[np.ndarray, np.ndarray, FeatureSpec]:
+def read_feature_shard(uri: str) -> tuple[np.ndarray, np.ndarray, FeatureSpec]:
     """One shard: image ids (N,) int64, features (N, P, C) (a zero-copy view) and its spec."""
-    fs, path = storage.filesystem(uri, endpoint)
+    fs, path = storage.filesystem(uri)
     table = pq.read_table(path, filesystem=fs, columns=["image_id", "features"])
     spec = FeatureSpec.from_metadata(table.schema.metadata, uri)
     features = table.column("features").combine_chunks().to_numpy_ndarray()  # (N, P, C)
     return table.column("image_id").to_numpy(), features, spec
 
 
-def read_features(out: str, split: str, endpoint: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def read_features(out: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     """All features of a split, sorted by image id: ids (N,) int64, features (N, P, C)."""
-    shards = [read_feature_shard(uri, endpoint) for uri in _feature_uris(out, split, endpoint)]
+    shards = [read_feature_shard(uri) for uri in _feature_uris(out, split)]
     specs = {shard[2] for shard in shards}
     if len(specs) > 1:
         raise ValueError(f"shards under {features_dir(out, split)} were made with different encoders: {specs}")
@@ -260,11 +260,11 @@ def read_features(out: str, split: str, endpoint: str | None = None) -> tuple[np
     return ids[order], features[order]
 
 
-def read_captions(out: str, split: str, endpoint: str | None = None) -> Captions:
+def read_captions(out: str, split: str) -> Captions:
     """The tokenised captions of a split (all annotated images, extracted or not)."""
     uri = captions_uri(out, split)
-    fs, path = storage.filesystem(uri, endpoint)
-    if not storage.exists(uri, endpoint):
+    fs, path = storage.filesystem(uri)
+    if not storage.exists(uri):
         raise FileNotFoundError(f"{uri} not found: extract with COCO annotations to get captions")
     table = pq.read_table(path, filesystem=fs)
     tokens = table.column("tokens").combine_chunks()
@@ -274,34 +274,34 @@ def read_captions(out: str, split: str, endpoint: str | None = None) -> Captions
     )
 
 
-def read_errors(out: str, split: str, endpoint: str | None = None) -> list[dict[str, Any]]:
+def read_errors(out: str, split: str) -> list[dict[str, Any]]:
     """The images of a split that could not be used: [{key, image_id, reason}, ...] sorted by key."""
-    uris = [info.uri for info in list_shards(errors_dir(out, split), endpoint)]
-    rows = _read(uris, ERROR_SCHEMA.names, endpoint).to_pylist() if uris else []
+    uris = [info.uri for info in list_shards(errors_dir(out, split))]
+    rows = _read(uris, ERROR_SCHEMA.names).to_pylist() if uris else []
     return sorted(rows, key=lambda row: row["key"])
 
 
-def read_vocab(out: str, endpoint: str | None = None) -> Vocab:
+def read_vocab(out: str) -> Vocab:
     uri = storage.join(out, VOCAB_FILE)
     try:
-        return Vocab.from_json(storage.read_bytes(uri, endpoint).decode("utf-8"))
+        return Vocab.from_json(storage.read_bytes(uri).decode("utf-8"))
     except ValueError as exc:
         raise ValueError(f"{uri}: {exc}") from None
 
 
-def read_manifest(out: str, endpoint: str | None = None) -> dict[str, Any]:
-    return json.loads(storage.read_bytes(storage.join(out, MANIFEST_FILE), endpoint))
+def read_manifest(out: str) -> dict[str, Any]:
+    return json.loads(storage.read_bytes(storage.join(out, MANIFEST_FILE)))
 
 
-def read_keys(out: str, split: str, endpoint: str | None = None) -> tuple[np.ndarray, list[str]]:
+def read_keys(out: str, split: str) -> tuple[np.ndarray, list[str]]:
     """Image ids (N,) and their source keys (paths or URIs), for showing images next to results."""
-    table = _read(_feature_uris(out, split, endpoint), ["image_id", "key"], endpoint)
+    table = _read(_feature_uris(out, split), ["image_id", "key"])
     return table.column("image_id").to_numpy(), table.column("key").to_pylist()
 
 
-def read_references(out: str, split: str, endpoint: str | None = None) -> dict[int, list[str]]:
+def read_references(out: str, split: str) -> dict[int, list[str]]:
     """All reference captions of a split, by image id (for BLEU/CIDEr against every reference)."""
-    captions = read_captions(out, split, endpoint)
+    captions = read_captions(out, split)
     refs: dict[int, list[str]] = {}
     for image_id, text in zip(captions.image_ids.tolist(), captions.texts):
         refs.setdefault(image_id, []).append(text)

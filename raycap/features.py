@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import pyarrow as pa
 import ray
@@ -28,12 +28,13 @@ from ray.data import ActorPoolStrategy
 
 from raycap import feature_store as fstore
 from raycap import storage
-from raycap.data.coco import ImageRecord, coco_files, load_coco_captions, load_karpathy_split
+from raycap.config import file_only, flag, nested
+from raycap.data.coco import SPLITS, ImageRecord, coco_files, load_coco_captions, load_karpathy_split
 from raycap.data.images import DEFAULT_MAX_PIXELS
 from raycap.data.vocab import Vocab
 from raycap.feature_batches import FeatureEncoder, FeatureSink, decode_batch
 from raycap.feature_store import FeatureSpec
-from raycap.models.encoder import EncoderConfig
+from raycap.models.encoder_config import EncoderConfig
 from raycap.runtime import init_ray
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -44,30 +45,48 @@ VOCAB_SPLITS = ("train", "restval")  # Karpathy's training splits: the vocabular
 class ExtractConfig:
     """Where images come from, where features go, the encoder, and how the pipeline is sized."""
 
-    out: str  # folder or s3://bucket/prefix
-    coco_root: str | None = None  # COCO layout: annotations/captions_{split}{year}.json, {split}{year}/
-    karpathy_file: str | None = None  # dataset_coco.json; its image paths are relative to coco_root
-    images: str | None = None  # or: a folder/prefix of images without annotations
-    splits: tuple[str, ...] = ("train", "val")
-    year: int = 2017
-    images_split: str = "images"  # the split name for `images`
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    dtype: str = "float16"
-    stored_grid: int | None = None  # grid the features are stored at; None: the trunk's native grid
-    batch_size: int = 32  # images per encoder call
-    num_encoders: int | None = None  # actor pool size; default one per GPU, else 1
-    encoder_cpus: float = 1.0  # CPU slots per encoder actor (CPU-only clusters)
-    torch_threads: int | None = None  # intra-op threads per CPU encoder; default Ray's, one per CPU slot
-    decode_batch_size: int = 16  # images per read+decode task (a divisor of batch_size avoids short batches)
+    out: str = flag("--out", help="output folder or s3://bucket/prefix")
+    coco_root: str | None = flag(
+        "--coco-root", None, one_of="input",
+        help="COCO layout: annotations/captions_{split}{year}.json and {split}{year}/",
+    )
+    images: str | None = flag(
+        "--images", None, one_of="input",
+        help="a folder or s3:// prefix of images without annotations (ids hash the key)",
+    )
+    karpathy_file: str | None = flag(
+        "--karpathy-file", None, help="Karpathy's dataset_coco.json, for its splits (paths relative to --coco-root)"
+    )
+    splits: tuple[str, ...] = flag("--splits", ("train", "val"), choices=SPLITS)
+    year: int = flag("--year", 2017)
+    images_split: str = flag("--images-split", "images", help="split name for --images")
+    encoder: EncoderConfig = nested(EncoderConfig)
+    dtype: str = flag("--dtype", "float16", choices=sorted(fstore.DTYPES))
+    stored_grid: int | None = flag(
+        "--stored-grid", None,
+        help="store features pooled to this grid (default: the trunk's native grid, e.g. 8 for resnet101 at 256)",
+    )
+    batch_size: int = flag("--batch-size", 32, help="images per encoder call")
+    num_encoders: int | None = flag(
+        "--encoders", None, metavar="N", help="encoder actors (default: one per GPU, else 1)"
+    )
+    encoder_cpus: float = flag("--encoder-cpus", 1.0, help="CPU slots per encoder actor without GPUs")
+    torch_threads: int | None = flag(
+        "--torch-threads", None, help="intra-op threads per CPU encoder (default: Ray's, one per CPU slot)"
+    )
+    decode_batch_size: int = flag(
+        "--decode-batch-size", 16, help="images per decode task (a divisor of --batch-size avoids short batches)"
+    )
     # CPU slots per read+decode (and write) task. Keep it unlike encoder_cpus: Ray fuses consecutive
     # stages with equal resources, which would move decoding into the encoder actors.
-    decode_cpus: float = 0.5
-    rows_per_shard: int = 128  # ~34 MB for resnet101's native 8x8 grid in float16
-    limit: int | None = None  # encode at most this many new images per split (quick or partial runs)
-    min_freq: int = 5  # vocabulary: words seen at least this often in training captions
-    max_words: int = 50  # vocabulary: words kept per training caption
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    s3_endpoint: str | None = None  # default: AWS_ENDPOINT_URL, else AWS
+    decode_cpus: float = flag("--decode-cpus", 0.5, help="CPU slots per decode task; keep != --encoder-cpus")
+    rows_per_shard: int = flag(
+        "--rows-per-shard", 128, help="feature rows per shard (~34 MB for resnet101's native 8x8 grid in float16)"
+    )
+    limit: int | None = flag("--limit", None, help="encode at most this many new images per split")
+    min_freq: int = flag("--min-freq", 5, help="vocabulary: minimum word count in train captions")
+    max_words: int = flag("--max-words", 50, help="vocabulary: words kept per training caption")
+    max_pixels: int = file_only(DEFAULT_MAX_PIXELS)  # decoded width x height at most (decompression bombs)
 
     def __post_init__(self) -> None:
         if (self.coco_root is None) == (self.images is None):
@@ -113,17 +132,17 @@ def image_id_for_key(relative_key: str) -> int:
     return int.from_bytes(digest, "big") >> 1
 
 
-def list_image_records(prefix: str, split: str, endpoint: str | None = None) -> list[ImageRecord]:
+def list_image_records(prefix: str, split: str) -> list[ImageRecord]:
     """Every image file under `prefix` (by suffix), with ids from `image_id_for_key`."""
-    files = storage.list_files(prefix, IMAGE_SUFFIXES, endpoint)
+    files = storage.list_files(prefix, IMAGE_SUFFIXES)
     if not files:
         raise FileNotFoundError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {prefix}")
-    keys = storage.relative_keys(prefix, [f.uri for f in files], endpoint)
+    keys = storage.relative_keys(prefix, [f.uri for f in files])
     return [ImageRecord(image_id_for_key(key), f.uri, 0, 0, (), split) for f, key in zip(files, keys)]
 
 
 @contextmanager
-def _local_copy(uri: str, endpoint: str | None) -> Iterator[str]:
+def _local_copy(uri: str) -> Iterator[str]:
     """A local path for `uri`: itself, or a temporary download of an S3 object."""
     if not storage.is_s3(uri):
         yield uri
@@ -131,25 +150,24 @@ def _local_copy(uri: str, endpoint: str | None) -> Iterator[str]:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, uri.rsplit("/", 1)[-1])
         with open(path, "wb") as f:
-            f.write(storage.read_bytes(uri, endpoint))
+            f.write(storage.read_bytes(uri))
         yield path
 
 
 def load_records(cfg: ExtractConfig, splits: Iterable[str]) -> dict[str, list[ImageRecord]]:
     """Records per split from the configured input."""
     splits = list(splits)
-    endpoint = cfg.s3_endpoint
     if cfg.images is not None:
-        return {cfg.images_split: list_image_records(cfg.images, cfg.images_split, endpoint)}
+        return {cfg.images_split: list_image_records(cfg.images, cfg.images_split)}
     assert cfg.coco_root is not None
     if cfg.karpathy_file is not None:
-        with _local_copy(cfg.karpathy_file, endpoint) as path:
+        with _local_copy(cfg.karpathy_file) as path:
             records = load_karpathy_split(path, cfg.coco_root, splits)
         return {split: [r for r in records if r.split == split] for split in splits}
     out = {}
     for split in splits:
         annotations, image_dir = coco_files(cfg.coco_root, split, cfg.year)
-        with _local_copy(annotations, endpoint) as path:
+        with _local_copy(annotations) as path:
             out[split] = load_coco_captions(path, image_dir, split)
     return out
 
@@ -157,8 +175,8 @@ def load_records(cfg: ExtractConfig, splits: Iterable[str]) -> dict[str, list[Im
 def prepare_vocab(cfg: ExtractConfig, records: dict[str, list[ImageRecord]]) -> Vocab:
     """The saved vocab.json if there is one, else one built from the training captions and saved."""
     uri = storage.join(cfg.out, fstore.VOCAB_FILE)
-    if storage.exists(uri, cfg.s3_endpoint):
-        return fstore.read_vocab(cfg.out, cfg.s3_endpoint)
+    if storage.exists(uri):
+        return fstore.read_vocab(cfg.out)
     training = VOCAB_SPLITS if cfg.karpathy_file else ("train",)  # COCO's own files have no restval
     missing = [split for split in training if split not in records]
     if missing:
@@ -167,18 +185,18 @@ def prepare_vocab(cfg: ExtractConfig, records: dict[str, list[ImageRecord]]) -> 
     if not captions:
         raise ValueError(f"no training captions to build the vocabulary from; put a vocab.json at {uri}")
     vocab = Vocab.build(captions, min_freq=cfg.min_freq, max_words=cfg.max_words)
-    storage.write_bytes(uri, vocab.to_json().encode("utf-8"), cfg.s3_endpoint)
+    storage.write_bytes(uri, vocab.to_json().encode("utf-8"))
     return vocab
 
 
-def write_captions(out: str, split: str, records: list[ImageRecord], vocab: Vocab, endpoint: str | None) -> None:
+def write_captions(out: str, split: str, records: list[ImageRecord], vocab: Vocab) -> None:
     ids = [r.image_id for r in records for _ in r.captions]
     texts = [c for r in records for c in r.captions]
-    fstore.write_table(fstore.captions_table(ids, texts, vocab), fstore.captions_uri(out, split), endpoint)
+    fstore.write_table(fstore.captions_table(ids, texts, vocab), fstore.captions_uri(out, split))
 
 
-def _check_spec(out: str, split: str, spec: FeatureSpec, endpoint: str | None) -> None:
-    stored = fstore.stored_spec(out, split, endpoint)
+def _check_spec(out: str, split: str, spec: FeatureSpec) -> None:
+    stored = fstore.stored_spec(out, split)
     if stored is not None and stored != spec:
         same_but_grid = replace(stored, stored_grid=spec.stored_grid) == spec
         resume = f", or --stored-grid {stored.stored_grid} to go on at their grid" if same_but_grid else ""
@@ -210,11 +228,11 @@ def extract_features(cfg: ExtractConfig) -> ExtractResult:
     if cfg.images is None:
         vocab = prepare_vocab(cfg, records)
         for split, split_records in records.items():
-            write_captions(cfg.out, split, split_records, vocab, cfg.s3_endpoint)
+            write_captions(cfg.out, split, split_records, vocab)
     pending = []
     for split, split_records in records.items():
-        _check_spec(cfg.out, split, spec, cfg.s3_endpoint)
-        done = fstore.split_state(cfg.out, split, cfg.s3_endpoint).done_ids
+        _check_spec(cfg.out, split, spec)
+        done = fstore.split_state(cfg.out, split).done_ids
         todo = [r for r in split_records if r.image_id not in done]
         pending += todo[: cfg.limit] if cfg.limit is not None else todo
     new = _run_pipeline(cfg, spec, pending) if pending else {}
@@ -241,7 +259,7 @@ def _run_pipeline(cfg: ExtractConfig, spec: FeatureSpec, records: list[ImageReco
         decode_batch,
         batch_size=cfg.decode_batch_size,
         batch_format="numpy",
-        fn_kwargs={"image_size": cfg.encoder.image_size, "max_pixels": cfg.max_pixels, "endpoint": cfg.s3_endpoint},
+        fn_kwargs={"image_size": cfg.encoder.image_size, "max_pixels": cfg.max_pixels},
         num_cpus=cfg.decode_cpus,
     )
     ds = ds.map_batches(
@@ -252,13 +270,13 @@ def _run_pipeline(cfg: ExtractConfig, spec: FeatureSpec, records: list[ImageReco
         compute=ActorPoolStrategy(size=pool_size),
         **resources,
     )
-    sink = FeatureSink(cfg.out, spec, cfg.rows_per_shard, cfg.s3_endpoint)
+    sink = FeatureSink(cfg.out, spec, cfg.rows_per_shard)
     ds.write_datasink(sink, ray_remote_args={"num_cpus": cfg.decode_cpus})
     return sink.counts
 
 
 def _summarize(cfg: ExtractConfig, split: str, records: list[ImageRecord], new: Counter) -> SplitSummary:
-    state = fstore.split_state(cfg.out, split, cfg.s3_endpoint)
+    state = fstore.split_state(cfg.out, split)
     return SplitSummary(
         images=len(records),
         ok=len(state.feature_ids),
@@ -282,4 +300,4 @@ def _write_manifest(cfg: ExtractConfig, result: ExtractResult) -> None:
         "vocab_size": result.vocab_size,
     }
     data = json.dumps(manifest, indent=2).encode("utf-8")
-    storage.write_bytes(storage.join(cfg.out, fstore.MANIFEST_FILE), data, cfg.s3_endpoint)
+    storage.write_bytes(storage.join(cfg.out, fstore.MANIFEST_FILE), data)

@@ -32,9 +32,25 @@ Scored = dict[int, list[str]]  # the toolkit's input: image index -> captions
 
 def score_captions(references: References, hypotheses: Hypotheses) -> dict[str, float]:
     """{"bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider_d"}: the toolkit's scorers on our tokens."""
+    return _scores(*_tokenized(references, hypotheses))
+
+
+def per_image_scores(references: References, hypotheses: Hypotheses) -> dict[Hashable, dict[str, float]]:
+    """{image_id: {"bleu4", "cider_d"}}: the toolkit's per-image BLEU-4 and CIDEr-D on our tokens,
+    CIDEr-D's document frequencies from all the scored images' references (as in the corpus score)."""
+    gts, res = _tokenized(references, hypotheses)
+    _, bleu = Bleu(4).compute_score(gts, res, verbose=0)  # bleu[3]: BLEU-4 per image
+    _, cider = Cider().compute_score(gts, res)  # (images,)
+    return {
+        image_id: {"bleu4": float(bleu[3][i]), "cider_d": float(cider[i])} for i, image_id in enumerate(hypotheses)
+    }
+
+
+def _tokenized(references: References, hypotheses: Hypotheses) -> tuple[Scored, Scored]:
+    """The toolkit's input (`_toolkit_input`) tokenized as its Java PTB tokenizer does, space-joined."""
     refs, hyps = _toolkit_input(references, hypotheses)
     tokenized = {i: [" ".join(tokenize(caption)) for caption in captions] for i, captions in refs.items()}
-    return _scores(tokenized, {i: [" ".join(tokenize(hyp))] for i, (hyp,) in hyps.items()})
+    return tokenized, {i: [" ".join(tokenize(hyp))] for i, (hyp,) in hyps.items()}
 
 
 def official_scores(references: References, hypotheses: Hypotheses) -> dict[str, float]:

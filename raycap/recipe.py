@@ -17,9 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from raycap.config import file_only, flag
 from raycap.data.vocab import Vocab
 from raycap.models.beam import Caption, beam_search
 from raycap.models.decoders import caption_loss, trim_padding
+from raycap.models.decoding import BEAM_SIZE, MAX_DECODE_LEN
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # features (B, P, C), captions (B*k, L) int, k per image
 ImageBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # image ids (B,), features (B, P, C), captions (B, k, L)
@@ -32,21 +34,29 @@ LR_RULES = ("linear", "none")
 class TrainConfig:
     """Optimisation and evaluation knobs; defaults follow the reference recipe."""
 
-    epochs: int = 20
-    captions_per_step: int = REFERENCE_CAPTIONS_PER_STEP  # per optimizer step, all workers together
-    lr: float = 4e-4  # at 32 captions per step; `lr_rule` scales it for other step sizes
-    lr_rule: str = "linear"  # "linear": lr x captions_per_step / 32, warmed up; "none": lr as given
-    warmup_epochs: float = 1.0  # ramp from lr up to a larger scaled lr over these epochs
-    grad_clip: float = 5.0
-    alpha_c: float = 1.0  # weight of the doubly stochastic attention term
-    lr_decay: float = 0.8  # multiply lr by this after `decay_patience` epochs without a better BLEU-4
-    decay_patience: int = 8
-    early_stop_patience: int = 20  # stop after this many epochs without a better BLEU-4
-    beam_size: int = 3
-    max_decode_len: int = 50
-    eval_batch_size: int = 64
-    mixed_precision: bool = True  # used on GPU only
-    seed: int = 0
+    epochs: int = flag("--epochs", 20)
+    captions_per_step: int = flag(
+        "--captions-per-step", REFERENCE_CAPTIONS_PER_STEP,
+        help="captions per optimizer step, all workers together (a multiple of --num-workers)",
+    )
+    lr: float = flag("--lr", 4e-4, help="learning rate at 32 captions per step")
+    lr_rule: str = flag(
+        "--lr-rule", "linear", choices=LR_RULES,
+        help="linear: lr x captions-per-step / 32, warmed up; none: --lr as given",
+    )
+    warmup_epochs: float = flag("--warmup-epochs", 1.0, help="linear rule: epochs to ramp from --lr to the scaled lr")
+    grad_clip: float = flag("--grad-clip", 5.0)
+    alpha_c: float = flag("--alpha-c", 1.0, help="doubly stochastic attention weight")
+    lr_decay: float = flag("--lr-decay", 0.8, help="lr factor after --decay-patience epochs without better BLEU-4")
+    decay_patience: int = flag("--decay-patience", 8, help="epochs without better BLEU-4 before lr decay")
+    early_stop_patience: int = flag(
+        "--early-stop-patience", 20, help="stop after this many epochs without better BLEU-4"
+    )
+    beam_size: int = flag("--beam-size", BEAM_SIZE, help="beam size for validation captions")
+    max_decode_len: int = file_only(MAX_DECODE_LEN)  # words per validation caption at most
+    eval_batch_size: int = file_only(64)
+    mixed_precision: bool = file_only(True)  # used on GPU only
+    seed: int = flag("--seed", 0)
 
     def __post_init__(self) -> None:
         if self.captions_per_step < 1:
@@ -168,6 +178,11 @@ def caption_steps(
         yield torch.cat([f for f, _ in held]), torch.cat([c for _, c in held])
 
 
+def build_optimizer(model: nn.Module, lr: float) -> torch.optim.Adam:
+    """The reference's Adam, as torch's fused kernel (one pass over all parameters, CPU or GPU)."""
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     """The decoder inside a DistributedDataParallel wrapper, or the model itself."""
     return getattr(model, "module", model)
@@ -241,8 +256,8 @@ def caption_features(
     model: nn.Module,
     features: np.ndarray | torch.Tensor,
     vocab: Vocab,
-    beam_size: int = 3,
-    max_decode_len: int = 50,
+    beam_size: int = BEAM_SIZE,
+    max_decode_len: int = MAX_DECODE_LEN,
     batch_size: int = 64,
     num_captions: int = 1,
     allow_unk: bool = False,

@@ -8,25 +8,41 @@ Decoder (pools it to the checkpoint's grid, then captions by beam search) are se
 so each autoscales on its own, and each batches concurrent requests with `@serve.batch`. Their
 `user_config` names the checkpoint (a folder or s3:// prefix written by `raycap.train`) and the
 batching knobs (and the Encoder's `cpu_bfloat16`); changing it in the config file and deploying
-again calls `reconfigure`, which loads the new checkpoint beside the old one and swaps it in without
-dropping requests. The encoder always runs the encoder config recorded in the checkpoint.
+again calls `reconfigure`, which loads the new checkpoint while the old one serves and then swaps it
+in, without dropping requests (one caught between an Encoder and a Decoder on different trunks is
+encoded again). The encoder always runs the encoder config recorded in the checkpoint.
+
+Several models at once (Serve model multiplexing): the Decoder's `user_config.models` names them
+(name -> checkpoint, e.g. attention and gru, or two versions) with a `default_model`; a request picks
+one with the `model` query parameter or Serve's `serve_multiplexed_model_id` header, and each Decoder
+replica keeps the MAX_MODELS_PER_REPLICA most recently used loaded (Serve routes a request to a
+replica that holds its model). They must share the Encoder's trunk (arch, weights, image size; the
+grid may differ, each model pools the one feature map to its own): one Encoder deployment computes
+one feature map per image, so checkpoints of another trunk are refused when the Decoder is
+(re)configured, and belong in another application. Changing one model's checkpoint swaps it in place.
 
 HTTP (the ingress, `Captioner`):
     POST /caption          one image: the raw body, or one file of a multipart/form-data upload
     POST /caption/batch    several images as multipart/form-data files
-        query: beam_size (3), num_captions (1, <= beam_size), attention (false), allow_unk (false)
+        query: beam_size, num_captions (<= beam_size), attention, allow_unk (defaults: CaptionOptions)
+        query: model (default: the config's default_model; or the serve_multiplexed_model_id header)
         -> {caption, score, model, beams?: [{caption, score, attention?}], attention?: (words, grid, grid)}
-    GET  /model            checkpoint, vocabulary size, encoder and decoder configs
+        an unknown model gets 404 with the served models' names
+    GET  /models           {models: [{name, checkpoint}], default}: the models this application serves
+    GET  /model            a model's (?model=NAME, else the default's) checkpoint, vocabulary size, configs
     GET  /healthz          liveness, never authenticated
+    GET  /                 a page for people: pick an image, see its captions and attention maps
+                           (raycap/static/, calling /models and /caption like any client)
+    GET  /docs, /redoc     API docs, Swagger UI and ReDoc served from the package (no CDN)
 
-Bad input gets a 4xx with a JSON `detail`: undecodable bytes 400, too large 413, too many images
-413, bad options 422. Oversized bodies are refused as they stream in (`raycap.serve_http`).
+Bad input gets a 4xx with a JSON `detail`: undecodable bytes 400, unknown model 404, too large 413,
+too many images 413, bad options 422. Oversized bodies are refused as they stream in (`raycap.serve_http`).
 
 Authentication is off unless the replicas find a token: RAYCAP_API_TOKEN_FILE naming a file that
 holds it, or RAYCAP_API_TOKEN in the environment Ray was started in (`raycap.serve_http` says how,
-and why not in a runtime_env). Then every path but /healthz, the API docs (/docs, /redoc,
-/openapi.json) included, needs `Authorization: Bearer <token>` (the scheme in any case), else 401,
-checked before routing.
+and why not in a runtime_env). Then every path but /healthz and the page's own files (/ and
+/static/*), the API docs (/docs, /redoc, /openapi.json) included, needs `Authorization: Bearer
+<token>` (the scheme in any case), else 401, checked before routing. The page asks for the token.
 
 The ingress (HTTP and `caption_images` alike) sends an image again when its Encoder or Decoder
 replica dies mid-request (captioning is idempotent; Serve routes the retry to a live replica), up to
@@ -48,30 +64,30 @@ To deploy serve_config.yaml from Python, with another checkpoint or port: `rayca
 
 import asyncio
 import dataclasses
-import json
 import logging
-import tempfile
 import time
-from collections.abc import Hashable, Iterator, Sequence
-from contextlib import contextmanager
+import weakref
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import numpy as np
 import torch
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
-from pydantic import BaseModel, ConfigDict, NonNegativeFloat, PositiveInt
+from fastapi import Depends, HTTPException, Query, Request
+from fastapi_offline import FastAPIOffline
+from pydantic import BaseModel, ConfigDict, NonNegativeFloat, PositiveInt, model_validator
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
 
-from raycap import storage
 from raycap.data.images import DEFAULT_MAX_PIXELS, ImageError
 from raycap.data.vocab import Vocab
 from raycap.models.beam import Caption, beam_search
-from raycap.models.checkpoint import CaptionModel, load_checkpoint
-from raycap.models.encoder import Encoder, EncoderConfig
+from raycap.models.checkpoint import CaptionModel, load_checkpoint, read_meta
+from raycap.models.decoding import BEAM_SIZE, MAX_DECODE_LEN
+from raycap.models.encoder import Encoder
+from raycap.models.encoder_config import EncoderConfig
 from raycap.serve_http import (
     MULTI_IMAGE_BODY,
     MULTIPART_OVERHEAD,
@@ -79,6 +95,7 @@ from raycap.serve_http import (
     SINGLE_IMAGE_BODY,
     BearerTokenAuth,
     TooManyFiles,
+    add_page,
     api_token,
     is_multipart,
     multipart_files,
@@ -92,15 +109,20 @@ from raycap.serve_schema import (
     InvalidOptions,
     LimitExceeded,
     ModelInfo,
+    ModelList,
     ModelMismatch,
+    ServedModel,
+    UnknownModel,
 )
 
-APP_NAME = "raycap"  # the application's name in serve_config.yaml
 SWAP_WAIT_S = 30.0  # how long a request waits for Encoder and Decoder to agree after a checkpoint swap
 # Tries per image when its replica dies mid-request (Serve routes each try to a live replica). Two:
 # losing a replica is rare, while an input that kills its replica (an OOM, a crash in a decoder
 # library) would take down one more replica with every further try.
 REPLICA_ATTEMPTS = 2
+# Models a Decoder replica keeps loaded (LRU; Serve's multiplexing): a decoder is 10-100 MB, and
+# Serve routes each request to a replica that holds its model when one does.
+MAX_MODELS_PER_REPLICA = 4
 BATCH_SIZE_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
 
 logger = logging.getLogger("ray.serve")  # Serve writes this logger to the replica's log file
@@ -112,7 +134,8 @@ K = TypeVar("K", bound=Hashable)
 
 
 class AppArgs(BaseModel):
-    """Application `args:` in serve_config.yaml: request limits, fixed for the application's life."""
+    """Application `args:` in serve_config.yaml: request limits, fixed for the application's life.
+    HTTP requests and the bulk job (`raycap.bulk`, through `Captioner.limits`) share them."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -120,6 +143,15 @@ class AppArgs(BaseModel):
     max_images_per_request: PositiveInt = 16  # more files in /caption/batch get 413
     max_beam_size: PositiveInt = 10  # larger beam_size gets 422
     max_pixels: PositiveInt = DEFAULT_MAX_PIXELS  # larger decoded images get 400 (decompression bombs)
+
+    def check_options(self, options: CaptionOptions) -> None:
+        """Raise InvalidOptions for options beyond these limits."""
+        if not 1 <= options.beam_size <= self.max_beam_size:
+            raise InvalidOptions(f"beam_size must be between 1 and {self.max_beam_size}, got {options.beam_size}")
+        if not 1 <= options.num_captions <= options.beam_size:
+            raise InvalidOptions(
+                f"num_captions must be between 1 and beam_size ({options.beam_size}), got {options.num_captions}"
+            )
 
 
 class ReplicaSettings(BaseModel):
@@ -142,16 +174,40 @@ class EncoderSettings(ReplicaSettings):
 
 
 class DecoderSettings(ReplicaSettings):
-    """The Decoder deployment's `user_config`."""
+    """The Decoder deployment's `user_config`: one `checkpoint` (served as `model_name`), or several
+    `models` with a `default_model`, all on the Encoder's trunk."""
 
-    model_name: str | None = None  # reported as `model`; default: the checkpoint folder's name
-    max_decode_len: PositiveInt = 50  # words per caption at most
+    checkpoint: str | None = None  # one model; or `models`
+    model_name: str | None = None  # the one checkpoint's name in responses; default: its folder's name
+    models: dict[str, str] = {}  # name -> checkpoint: several models, picked per request
+    default_model: str | None = None  # the model of requests that name none; default: the first in `models`
+    max_decode_len: PositiveInt = MAX_DECODE_LEN  # words per caption at most
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "DecoderSettings":
+        if (self.checkpoint is None) == (not self.models):
+            raise ValueError("set either checkpoint (one model) or models (name: checkpoint, several), not both")
+        if self.models and self.model_name is not None:
+            raise ValueError("model_name names the one checkpoint; with models, the keys are the names")
+        if self.default_model is not None and self.default_model not in self.table():
+            raise ValueError(f"default_model {self.default_model!r} is not among the models {sorted(self.table())}")
+        return self
+
+    def table(self) -> dict[str, str]:
+        """Model name -> checkpoint, in the config's order."""
+        if self.models:
+            return dict(self.models)
+        assert self.checkpoint is not None
+        return {self.model_name or Path(self.checkpoint.rstrip("/")).name: self.checkpoint}
+
+    def default(self) -> str:
+        return self.default_model or next(iter(self.table()))
 
 
 # --- checkpoints -------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: hashed by identity, to group a batch by model
 class LoadedModel:
     """A checkpoint loaded for serving and the name it is served under."""
 
@@ -160,44 +216,41 @@ class LoadedModel:
     model: CaptionModel
 
 
-@contextmanager
-def _local_checkpoint(uri: str) -> Iterator[Path]:
-    """A local folder holding the checkpoint at `uri`: itself, or a temporary copy of an s3:// one."""
-    if not storage.is_s3(uri):
-        yield Path(uri).expanduser()
-        return
-    prefix = uri.rstrip("/") + "/"
-    with tempfile.TemporaryDirectory(prefix="raycap-checkpoint-") as tmp:
-        for file in storage.list_files(uri):
-            name = file.uri[len(prefix) :]
-            if name == "optimizer.pt":  # only for resuming training
-                continue
-            target = Path(tmp, name)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(storage.read_bytes(file.uri))
-        yield Path(tmp)
-
-
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def load_model(checkpoint: str, name: str | None = None) -> LoadedModel:
     """Load a checkpoint (folder or s3:// prefix) onto this process's device for serving."""
-    with _local_checkpoint(checkpoint) as local:
-        model = load_checkpoint(local, device=_device())
+    model = load_checkpoint(checkpoint, device=_device())
     return LoadedModel(name or Path(checkpoint.rstrip("/")).name, checkpoint, model)
 
 
-def checkpoint_encoder_config(checkpoint: str) -> EncoderConfig:
-    """The encoder config a checkpoint was trained with, read from its meta.json alone."""
-    meta_uri = storage.join(checkpoint, "meta.json")
-    if not storage.exists(meta_uri):
-        raise FileNotFoundError(f"no raycap checkpoint at {checkpoint}: {meta_uri} does not exist")
-    meta = json.loads(storage.read_bytes(meta_uri))
-    if "encoder" not in meta:
-        raise ValueError(f"{meta_uri} has no 'encoder' section: is {checkpoint} a raycap checkpoint?")
-    return EncoderConfig(**meta["encoder"])
+def _trunk(cfg: EncoderConfig) -> tuple[str, str, int]:
+    """What fixes the Encoder's feature map; the grid does not (each checkpoint pools to its own)."""
+    return cfg.arch, cfg.weights, cfg.image_size
+
+
+def check_one_trunk(table: dict[str, str]) -> None:
+    """Raise ValueError unless every model's checkpoint (name -> checkpoint) was trained on the same
+    trunk: one Encoder deployment computes one feature map per image for all of them."""
+    trunks: dict[tuple[str, str, int], list[str]] = {}
+    for name, checkpoint in table.items():
+        trunks.setdefault(_trunk(read_meta(checkpoint).encoder), []).append(name)
+    if len(trunks) > 1:
+        kinds = "; ".join(f"{', '.join(names)}: {a} {w} at {px}px" for (a, w, px), names in trunks.items())
+        raise ValueError(
+            f"the models were trained on different encoders ({kinds}); one Encoder deployment computes one "
+            "feature map for all of an application's models: serve the others as another application"
+        )
+
+
+class _Slot:
+    """A model name's loaded checkpoint, as the multiplexer caches it (by name); `reconfigure`
+    swaps `loaded` in place when the name's checkpoint changes."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
 
 
 # --- deployments -------------------------------------------------------------------------------
@@ -233,7 +286,7 @@ def _model_batch_sizes() -> Histogram:
     )
 
 
-@serve.deployment(name="Encoder", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.4})
+@serve.deployment(name="Encoder")  # its options (replicas, CPUs, ...) live in serve_config.yaml
 class ImageEncoder:
     """Image bytes -> features (P, C), batched; decodes with the one shared preprocessing path."""
 
@@ -245,7 +298,7 @@ class ImageEncoder:
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         settings = EncoderSettings.model_validate(user_config)
-        cfg = await asyncio.to_thread(checkpoint_encoder_config, settings.checkpoint)
+        cfg = (await asyncio.to_thread(read_meta, settings.checkpoint)).encoder
         if self.encoder is None or self.encoder.cfg != cfg:
             self.encoder = await asyncio.to_thread(_build_encoder, cfg)  # requests keep using the old one
         self.cpu_bfloat16 = settings.cpu_bfloat16
@@ -275,7 +328,7 @@ class ImageEncoder:
             raise ModelMismatch(f"expected a ({size}, {size}, 3) uint8 image, got {image.shape} {image.dtype}")
         return await self.encode_batch((encoder, image))
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    @serve.batch  # its size and wait come from user_config (ReplicaSettings), set by reconfigure
     async def encode_batch(self, items: list[tuple[Encoder, np.ndarray]]) -> list[Encoded]:
         out: list[Encoded] = [None] * len(items)  # type: ignore[list-item]
         for encoder, rows in _groups([encoder for encoder, _ in items]).items():
@@ -313,34 +366,56 @@ def _response(loaded: LoadedModel, captions: list[Caption], options: CaptionOpti
     )
 
 
-@serve.deployment(name="Decoder", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.3})
+@serve.deployment(name="Decoder")  # its options live in serve_config.yaml
 class CaptionDecoder:
-    """Features -> captions by batched beam search. Keeps the previous checkpoint after a swap, so
-    features the Encoder made with the old encoder config still decode."""
+    """Features -> captions by batched beam search, with the model each request names (Serve's
+    multiplexed model ID; none: the default), at most MAX_MODELS_PER_REPLICA loaded, least recently
+    used dropped first."""
 
     def __init__(self) -> None:
-        self.current: LoadedModel | None = None
-        self.previous: LoadedModel | None = None
-        self.max_decode_len = 0  # set with the checkpoint, by reconfigure
+        self.table: dict[str, str] = {}  # model name -> checkpoint; set by reconfigure
+        self.default = ""
+        self.slots: weakref.WeakValueDictionary[str, _Slot] = weakref.WeakValueDictionary()  # those cached
+        self.max_decode_len = 0
         self.batch_sizes = _model_batch_sizes()
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Raises ValueError (the deployment fails, saying why) for models on different trunks."""
         settings = DecoderSettings.model_validate(user_config)
-        current = self.current
-        if current is None or (settings.checkpoint, settings.model_name) != (current.checkpoint, current.name):
-            loaded = await asyncio.to_thread(load_model, settings.checkpoint, settings.model_name)
-            self.previous, self.current = current, loaded
+        table = settings.table()
+        await asyncio.to_thread(check_one_trunk, table)
+        self.table, self.default = table, settings.default()
+        for name, slot in list(self.slots.items()):  # a changed checkpoint: load it, then swap (requests go on)
+            if name in table and slot.loaded.checkpoint != table[name]:
+                slot.loaded = await asyncio.to_thread(load_model, table[name], name)
+        await self._slot(self.default)  # a default that cannot load fails the deployment, not its first request
         self.max_decode_len = settings.max_decode_len
         self.decode_batch.set_max_batch_size(settings.max_batch_size)
         self.decode_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
 
-    def _loaded(self) -> LoadedModel:
-        if self.current is None:
+    @serve.multiplexed(max_num_models_per_replica=MAX_MODELS_PER_REPLICA)
+    async def _load(self, name: str) -> _Slot:
+        slot = _Slot(await asyncio.to_thread(load_model, self.table[name], name))
+        self.slots[name] = slot
+        return slot
+
+    async def _slot(self, name: str) -> _Slot:
+        """The named model's slot ("": the default); raises UnknownModel, listing the served ones."""
+        if not self.table:
             raise RuntimeError("Decoder has no checkpoint: set user_config.checkpoint (see serve_config.yaml)")
-        return self.current
+        name = name or self.default
+        if name not in self.table:
+            raise UnknownModel(f"no model named {name!r}: this application serves {', '.join(self.table)}")
+        return await self._load(name)
+
+    async def models(self) -> ModelList:
+        return ModelList(
+            models=[ServedModel(name=n, checkpoint=c) for n, c in self.table.items()], default=self.default
+        )
 
     async def info(self) -> ModelInfo:
-        loaded = self._loaded()
+        """The request's model (its multiplexed model ID, else the default)."""
+        loaded = (await self._slot(serve.get_multiplexed_model_id())).loaded
         m = loaded.model
         return ModelInfo(
             model=loaded.name,
@@ -353,33 +428,34 @@ class CaptionDecoder:
         )
 
     async def caption(self, encoded: Encoded, options: CaptionOptions) -> CaptionResponse:
-        """Raises InvalidOptions for a beam wider than the vocabulary, and ModelMismatch while a
-        checkpoint swap has reached the Encoder but not this replica."""
-        self._loaded()
-        result = await self.decode_batch((encoded, options))
+        """Caption with the request's model. Raises UnknownModel, InvalidOptions for a beam wider than
+        the vocabulary, and ModelMismatch for features of another trunk (a swap half done)."""
+        loaded = (await self._slot(serve.get_multiplexed_model_id())).loaded
+        result = await self.decode_batch((encoded, options, loaded))
         if isinstance(result, Exception):
             raise result
         return result
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def decode_batch(self, items: list[tuple[Encoded, CaptionOptions]]) -> list[CaptionResponse | Exception]:
-        """One beam search per (checkpoint, options) group; a failed item gets its exception."""
-        models = [m for m in (self.current, self.previous) if m is not None]
+    @serve.batch  # its size and wait come from user_config (ReplicaSettings), set by reconfigure
+    async def decode_batch(
+        self, items: list[tuple[Encoded, CaptionOptions, LoadedModel]]
+    ) -> list[CaptionResponse | Exception]:
+        """One beam search per (model, options) group; a failed item gets its exception."""
         max_decode_len = self.max_decode_len
         out: list[CaptionResponse | Exception] = [None] * len(items)  # type: ignore[list-item]
-        keys: list[tuple[int, CaptionOptions]] = []  # (index in models, options); -1: failed
-        for i, (encoded, options) in enumerate(items):
-            which = next((j for j, m in enumerate(models) if m.model.encoder_cfg == encoded.encoder), -1)
-            if which < 0:
-                out[i] = ModelMismatch(f"no loaded checkpoint was trained with encoder {encoded.encoder}")
-            elif options.beam_size > (words := len(models[which].model.vocab) - (not options.allow_unk)):
+        keys: list[tuple[LoadedModel | None, CaptionOptions]] = []  # None: failed
+        for i, (encoded, options, loaded) in enumerate(items):
+            key: LoadedModel | None = loaded
+            if _trunk(loaded.model.encoder_cfg) != _trunk(encoded.encoder):
+                out[i] = ModelMismatch(f"model {loaded.name} was not trained on encoder {encoded.encoder}")
+                key = None
+            elif options.beam_size > (words := len(loaded.model.vocab) - (not options.allow_unk)):
                 out[i] = InvalidOptions(f"beam_size {options.beam_size} exceeds the words captions may use ({words})")
-                which = -1
-            keys.append((which, options))
-        for (which, options), rows in _groups(keys).items():
-            if which < 0:
+                key = None
+            keys.append((key, options))
+        for (loaded, options), rows in _groups(keys).items():
+            if loaded is None:
                 continue
-            loaded = models[which]
             features = torch.from_numpy(np.stack([items[i][0].features for i in rows])).to(_device())  # (B, P, C)
             self.batch_sizes.observe(len(rows))
             vocab = loaded.model.vocab
@@ -398,19 +474,23 @@ class CaptionDecoder:
 
 # --- ingress -----------------------------------------------------------------------------------
 
-api = FastAPI(
+api = FastAPIOffline(  # FastAPI with /docs and /redoc loading Swagger UI and ReDoc from the package
     title="raycap",
     summary="Image captioning (Show, Attend and Tell) on Ray Serve",
     description=(
         "Authentication: when the server has a token, send `Authorization: Bearer <token>` on every path "
-        "but /healthz, these docs and /openapi.json included."
+        "but /healthz and the page's files (/, /static/*), these docs and /openapi.json included."
     ),
+    static_url="/static/docs",
 )
 api.add_middleware(BearerTokenAuth)
+add_page(api)
 
 
 def caption_options(
-    beam_size: Annotated[int, Query(ge=1, description="beams kept per step (at most the app's max_beam_size)")] = 3,
+    beam_size: Annotated[
+        int, Query(ge=1, description="beams kept per step (at most the app's max_beam_size)")
+    ] = BEAM_SIZE,
     num_captions: Annotated[int, Query(ge=1, description="captions to return, best first; at most beam_size")] = 1,
     attention: Annotated[bool, Query(description="return attention maps, (words, grid, grid) per caption")] = False,
     allow_unk: Annotated[bool, Query(description="let captions hold <unk>, the word for every rare word")] = False,
@@ -419,6 +499,18 @@ def caption_options(
 
 
 Options = Annotated[CaptionOptions, Depends(caption_options)]
+
+
+def model_choice(
+    model: Annotated[
+        str | None, Query(description="the model to answer (GET /models); else the serve_multiplexed_model_id header")
+    ] = None,
+) -> str:
+    """The requested model's name; "" for the default."""
+    return model or serve.get_multiplexed_model_id()
+
+
+ModelName = Annotated[str, Depends(model_choice)]
 
 
 def _cause(exc: BaseException) -> BaseException:
@@ -437,11 +529,14 @@ def _replica_lost(exc: BaseException) -> bool:
 
 def _outcome(exc: BaseException) -> str:
     """The `raycap_captions` outcome of a failed caption request."""
-    kinds = {ImageError: "bad_image", InvalidOptions: "invalid_options", LimitExceeded: "too_large"}
+    kinds = {
+        ImageError: "bad_image", InvalidOptions: "invalid_options", LimitExceeded: "too_large",
+        UnknownModel: "unknown_model",
+    }  # fmt: skip
     return next((outcome for kind, outcome in kinds.items() if isinstance(exc, kind)), "error")
 
 
-@serve.deployment(name="Captioner", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.1})
+@serve.deployment(name="Captioner")  # its options live in serve_config.yaml
 @serve.ingress(api)
 class Captioner:
     """HTTP API and Python entry point: images -> Encoder -> Decoder, through deployment handles."""
@@ -462,12 +557,7 @@ class Captioner:
     def _check(self, images: Sequence[bytes], options: CaptionOptions) -> None:
         """Raise InvalidOptions for options, or LimitExceeded for image counts/sizes, beyond the limits."""
         a = self.args
-        if not 1 <= options.beam_size <= a.max_beam_size:
-            raise InvalidOptions(f"beam_size must be between 1 and {a.max_beam_size}, got {options.beam_size}")
-        if not 1 <= options.num_captions <= options.beam_size:
-            raise InvalidOptions(
-                f"num_captions must be between 1 and beam_size ({options.beam_size}), got {options.num_captions}"
-            )
+        a.check_options(options)
         if len(images) > a.max_images_per_request:
             raise LimitExceeded(f"{len(images)} images exceed the limit of {a.max_images_per_request} per request")
         for i, image in enumerate(images):
@@ -475,14 +565,18 @@ class Captioner:
                 raise LimitExceeded(f"image {i + 1} has {len(image)} bytes, over the limit of {a.max_image_bytes}")
 
     async def caption_images(
-        self, images: Sequence[bytes], options: CaptionOptions = CaptionOptions()
+        self, images: Sequence[bytes], options: CaptionOptions = CaptionOptions(), model: str = ""
     ) -> list[CaptionResponse]:
-        """Caption images (encoded bytes, any PIL format). Raises InvalidOptions, LimitExceeded, or
-        ImageError for an unusable image (its message names which, when there are several)."""
+        """Caption images (encoded bytes, any PIL format) with the named model ("": the default).
+        Raises InvalidOptions, LimitExceeded, UnknownModel, or ImageError for an unusable image (its
+        message names which, when there are several)."""
         try:
             self._check(images, options)
             labels = [f"image {i + 1}: " if len(images) > 1 else "" for i in range(len(images))]
-            results = await asyncio.gather(*(self._caption_one(x, options, label) for x, label in zip(images, labels)))
+            decoder = self.decoder.options(multiplexed_model_id=model)
+            results = await asyncio.gather(
+                *(self._caption_one(decoder, x, options, label) for x, label in zip(images, labels))
+            )
         except Exception as exc:
             self._count(len(images), _outcome(exc))
             raise
@@ -493,14 +587,16 @@ class Captioner:
         if images:  # Ray counters refuse increments of 0
             self.captions.inc(images, tags={"outcome": outcome})
 
-    async def _caption_one(self, image: bytes, options: CaptionOptions, label: str) -> CaptionResponse:
+    async def _caption_one(
+        self, decoder: DeploymentHandle, image: bytes, options: CaptionOptions, label: str
+    ) -> CaptionResponse:
         """Encode and decode one image, again while a checkpoint swap is half done (for up to
         SWAP_WAIT_S) and after a replica is lost mid-request (up to REPLICA_ATTEMPTS tries in all)."""
         deadline = time.monotonic() + SWAP_WAIT_S
         attempt = 1
         while True:
             try:
-                return await self.decoder.caption.remote(self.encoder.remote(image), options)
+                return await decoder.caption.remote(self.encoder.remote(image), options)
             except (ImageError, ModelMismatch) as exc:
                 cause = _cause(exc)
                 if isinstance(cause, ImageError):
@@ -519,10 +615,12 @@ class Captioner:
                     f"sending it again, try {attempt} of {REPLICA_ATTEMPTS}"
                 )
 
-    async def _http_caption(self, images: list[bytes], options: CaptionOptions) -> list[CaptionResponse]:
+    async def _http_caption(self, images: list[bytes], options: CaptionOptions, model: str) -> list[CaptionResponse]:
         """`caption_images` with client mistakes turned into 4xx responses."""
         try:
-            return await self.caption_images(images, options)
+            return await self.caption_images(images, options, model)
+        except UnknownModel as exc:
+            raise HTTPException(404, str(_cause(exc))) from None
         except InvalidOptions as exc:
             raise HTTPException(422, str(_cause(exc))) from None
         except ImageError as exc:
@@ -530,29 +628,40 @@ class Captioner:
         except LimitExceeded as exc:
             raise HTTPException(413, str(exc)) from None
 
+    async def limits(self) -> AppArgs:
+        """The application's request limits, for callers that bypass HTTP (the bulk job)."""
+        return self.args
+
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
+    @api.get("/models", dependencies=SECURED)
+    async def models(self) -> ModelList:
+        return await self.decoder.models.remote()
+
     @api.get("/model", dependencies=SECURED)
-    async def model_info(self) -> ModelInfo:
-        return await self.decoder.info.remote()
+    async def model_info(self, model: ModelName) -> ModelInfo:
+        try:
+            return await self.decoder.options(multiplexed_model_id=model).info.remote()
+        except UnknownModel as exc:
+            raise HTTPException(404, str(_cause(exc))) from None
 
     @api.post("/caption", response_model_exclude_none=True, openapi_extra=SINGLE_IMAGE_BODY, dependencies=SECURED)
-    async def caption(self, request: Request, options: Options) -> CaptionResponse:
+    async def caption(self, request: Request, options: Options, model: ModelName) -> CaptionResponse:
         limit = self.args.max_image_bytes
         if not is_multipart(request.headers):
-            return (await self._http_caption([await read_body(request, limit)], options))[0]
+            return (await self._http_caption([await read_body(request, limit)], options, model))[0]
         try:
             files = await multipart_files(request, limit + MULTIPART_OVERHEAD, max_files=1)
         except TooManyFiles:
             raise HTTPException(400, "expected one image file, got several: use /caption/batch for several") from None
         if not files:
             raise HTTPException(400, "expected one image file, got none")
-        return (await self._http_caption(files, options))[0]
+        return (await self._http_caption(files, options, model))[0]
 
     @api.post("/caption/batch", response_model_exclude_none=True, openapi_extra=MULTI_IMAGE_BODY, dependencies=SECURED)
-    async def caption_batch(self, request: Request, options: Options) -> BatchResponse:
+    async def caption_batch(self, request: Request, options: Options, model: ModelName) -> BatchResponse:
         if not is_multipart(request.headers):
             raise HTTPException(415, "send the images as files of a multipart/form-data body")
         a = self.args
@@ -563,7 +672,7 @@ class Captioner:
             raise HTTPException(413, str(exc)) from None
         if not files:
             raise HTTPException(400, "no image files in the multipart/form-data body")
-        return BatchResponse(results=await self._http_caption(files, options))
+        return BatchResponse(results=await self._http_caption(files, options, model))
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

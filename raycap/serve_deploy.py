@@ -1,6 +1,9 @@
 """Deploying the Serve application from Python, as `serve run serve_config.yaml` does: the config
 file loaded and validated with overrides (`load_config`), applied and waited for (`deploy`), and
 its replicas counted (`replica_counts`). Used by jobs/serve.py, the bulk job, benches and tests.
+`deploy` hands the replicas this process's S3 endpoint (`raycap.storage.worker_env`) in the
+application's runtime_env, so they read an s3:// checkpoint from it even when Serve's controller
+was started by another job, whose workers have another environment.
 
     url = deploy(load_config("serve_config.yaml", checkpoint="s3://bucket/models/attention"))
 """
@@ -13,7 +16,8 @@ import yaml
 from ray import serve
 from ray.serve.schema import ApplicationStatus, ServeDeploySchema
 
-from raycap.serve import APP_NAME
+from raycap import storage
+from raycap.serve_schema import APP_NAME
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -34,10 +38,13 @@ def load_config(
     checkpoint: str | None = None,
     port: int | None = None,
     overrides: dict[str, Any] | None = None,
+    models: dict[str, str] | None = None,
 ) -> ServeDeploySchema:
     """A config file for this application, validated by Ray Serve's own schema, with overrides:
-    `checkpoint` for both Encoder and Decoder, the HTTP `port`, and `overrides` merged into the
-    application entry (`deployments` by name, e.g. {"deployments": {"Decoder": {"num_replicas": 1}}})."""
+    `checkpoint` for both Encoder and Decoder (served as one model), or `models` (name -> checkpoint,
+    the first the default, whose checkpoint the Encoder reads), the HTTP `port`, and `overrides`
+    merged into the application entry (`deployments` by name, e.g. {"deployments": {"Decoder":
+    {"num_replicas": 1}}})."""
     raw = yaml.safe_load(Path(path).read_text())
     apps = raw.get("applications") or []
     if len(apps) != 1:
@@ -45,26 +52,48 @@ def load_config(
     app = dict(apps[0])
     extra = dict(overrides or {})
     by_name = extra.pop("deployments", {})
-    if checkpoint is not None:
-        for name in ("Encoder", "Decoder"):
-            by_name = _merge(by_name, {name: {"user_config": {"checkpoint": checkpoint}}})
+    if checkpoint is not None and models:
+        raise ValueError("pass checkpoint (one model) or models (several), not both")
+    served: dict[str, Any] = {}  # None drops a key of the file's user_config: the other way of naming models
+    if models:
+        decoder = {"models": models, "default_model": next(iter(models)), "checkpoint": None, "model_name": None}
+        encoder = {"checkpoint": next(iter(models.values()))}
+        served = {"Encoder": {"user_config": encoder}, "Decoder": {"user_config": decoder}}
+    elif checkpoint is not None:
+        decoder = {"checkpoint": checkpoint, "models": None, "default_model": None}
+        served = {"Encoder": {"user_config": {"checkpoint": checkpoint}}, "Decoder": {"user_config": decoder}}
     app = _merge(app, extra)
     deployments = {d["name"]: d for d in app.get("deployments", [])}
-    for name, options in by_name.items():
-        deployments[name] = _merge(deployments.get(name, {"name": name}), options)
+    for layer in (served, by_name):
+        for name, options in layer.items():
+            deployments[name] = _merge(deployments.get(name, {"name": name}), options)
     app["deployments"] = list(deployments.values())
     if port is not None:
         raw = _merge(raw, {"http_options": {"port": port}})
     return ServeDeploySchema.model_validate({**raw, "applications": [app]})
 
 
+def _with_endpoint(config: ServeDeploySchema) -> ServeDeploySchema:
+    """`config` with this process's S3 endpoint among each application's runtime_env env_vars
+    (a value the file sets itself wins)."""
+    env = storage.worker_env()
+    if not env:
+        return config
+    raw = config.model_dump(exclude_unset=True)
+    for app in raw["applications"]:
+        app["runtime_env"] = _merge({"env_vars": env}, app.get("runtime_env") or {})
+    return ServeDeploySchema.model_validate(raw)
+
+
 def deploy(config: ServeDeploySchema, timeout_s: float = 300.0) -> str:
     """Apply `config` to the Ray this process is connected to, as `serve run serve_config.yaml` does,
-    wait until its application runs, and return its base URL."""
+    with this process's S3 endpoint for the replicas, wait until its application runs, and return
+    its base URL."""
     # Serve has no public Python call that applies a config file; this is the CLI's own path
     # (ray/serve/scripts.py: serve_start, then deploy_apps).
     from ray.serve._private.api import serve_start
 
+    config = _with_endpoint(config)
     client = serve_start(
         http_options=config.http_options.model_dump(),
         proxy_location=config.proxy_location,

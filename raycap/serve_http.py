@@ -7,7 +7,9 @@ RAYCAP_API_TOKEN in the environment Ray was started in; neither set: authenticat
 RAYCAP_API_TOKEN in a runtime_env: Ray logs runtime_env env vars verbatim (runtime_env_agent.log)
 and `serve config` shows them. With a token, the API docs need the header too: fetch the schema
 (`curl -H "Authorization: Bearer $TOKEN" http://HOST:8000/openapi.json`) and open it in any OpenAPI
-viewer. Serve's own proxy paths (/-/healthz, /-/routes) are outside the application and stay open.
+viewer. Open without it: /healthz, and the page's shell (/ and /static/*: files that are the same
+for everyone; the page asks for the token and sends it with every API call). Serve's own proxy paths
+(/-/healthz, /-/routes) are outside the application and stay open.
 
 An oversized body is refused from its declared Content-Length before it is sent, or as soon as a
 chunked one passes the limit; Serve's HTTP proxy reads request bodies ahead without a limit of its
@@ -20,12 +22,13 @@ import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from fastapi import Depends, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocketClose
 
@@ -33,6 +36,13 @@ TOKEN_ENV = "RAYCAP_API_TOKEN"
 TOKEN_FILE_ENV = "RAYCAP_API_TOKEN_FILE"
 MULTIPART_OVERHEAD = 64 * 1024  # bytes of multipart headers and boundaries allowed beyond the images
 UNAUTHORIZED = "missing or wrong bearer token: send 'Authorization: Bearer <token>' with the server's token"
+PAGE_DIR = Path(__file__).parent / "static"  # the page at /: index.html, app.js, app.css (package data)
+# The page loads nothing but its own files and talks to nothing but this server: a browser refuses
+# anything else (a CDN script, an upload elsewhere). blob: for the preview of the picked image.
+PAGE_POLICY = (
+    "default-src 'self'; img-src 'self' blob:; object-src 'none'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
+)
 
 
 class TooManyFiles(ValueError):
@@ -65,11 +75,17 @@ def _route_path(scope: Scope) -> str:
 
 class BearerTokenAuth:
     """ASGI middleware: when the replica has a token (`api_token`), every request to a path but
-    /healthz needs `Authorization: Bearer <token>`, else 401. It runs before routing, so no route,
-    method, doc page or unknown path answers without the token, and a route added later is covered too."""
+    `public` ones and those under `public_prefix` needs `Authorization: Bearer <token>`, else 401. It
+    runs before routing, so no route, method, doc page or unknown path answers without the token, and
+    a route added later is covered too."""
 
-    def __init__(self, app: ASGIApp, public: frozenset[str] = frozenset({"/healthz"})) -> None:
-        self.app, self.public = app, public
+    def __init__(
+        self,
+        app: ASGIApp,
+        public: frozenset[str] = frozenset({"/healthz", "/"}),
+        public_prefix: str = "/static/",  # a mount of static files only: nothing else routes under it
+    ) -> None:
+        self.app, self.public, self.public_prefix = app, public, public_prefix
         token = api_token()  # built in the replica, on its first request
         self.token = token.encode() if token else None
 
@@ -82,6 +98,7 @@ class BearerTokenAuth:
             self.token is None
             or scope["type"] not in ("http", "websocket")
             or _route_path(scope) in self.public
+            or _route_path(scope).startswith(self.public_prefix)
             or self._authorized(scope)
         ):
             await self.app(scope, receive, send)
@@ -94,6 +111,19 @@ class BearerTokenAuth:
 
 bearer = HTTPBearer(auto_error=False, description=f"the server's {TOKEN_FILE_ENV} or {TOKEN_ENV}")
 SECURED = [Depends(bearer)]  # declares the scheme in the OpenAPI schema; BearerTokenAuth enforces it
+
+
+# --- the page ----------------------------------------------------------------------------------
+
+
+def add_page(app: FastAPI) -> None:
+    """Serve the page at / and its files under /static/ (open without the token, see
+    BearerTokenAuth): plain HTML/JS/CSS that captions through the app's own /caption route."""
+    app.mount("/static", StaticFiles(directory=PAGE_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(PAGE_DIR / "index.html", headers={"Content-Security-Policy": PAGE_POLICY})
 
 
 # --- request bodies ----------------------------------------------------------------------------

@@ -1,20 +1,28 @@
-"""The serving API's data: request options, responses and errors, apart from the deployments.
+"""The serving API's data: its name and config file, request options, responses and errors, apart
+from the deployments.
 
 It imports no torch, so code that only calls the deployments through handles (the bulk job's
-client actors) starts fast; `raycap.serve` builds its deployments on these.
+client actors) or deploys them (`raycap.serve_deploy`) starts fast; `raycap.serve` builds its
+deployments on these.
 """
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
+
+from raycap.models.decoding import BEAM_SIZE
+
+APP_NAME = "raycap"  # the application's name in serve_config.yaml
+SERVE_CONFIG = str(Path(__file__).resolve().parents[1] / "serve_config.yaml")  # the repo's, beside raycap/
 
 
 @dataclasses.dataclass(frozen=True)
 class CaptionOptions:
     """Per-request decoding options."""
 
-    beam_size: int = 3
+    beam_size: int = BEAM_SIZE
     num_captions: int = 1  # best captions to return, <= beam_size
     attention: bool = False  # return attention maps (attention decoder only)
     allow_unk: bool = False  # let captions hold <unk>, the word for every rare word; banned by default
@@ -29,7 +37,11 @@ class LimitExceeded(ValueError):
 
 
 class ModelMismatch(RuntimeError):
-    """Features made by an encoder that none of the Decoder's loaded checkpoints was trained with."""
+    """Features made by another trunk than the requested model's: a checkpoint swap half done."""
+
+
+class UnknownModel(LookupError):
+    """A request for a model the application does not serve; the message lists those it does."""
 
 
 class Beam(BaseModel):
@@ -48,6 +60,16 @@ class CaptionResponse(BaseModel):
 
 class BatchResponse(BaseModel):
     results: list[CaptionResponse]  # in upload order
+
+
+class ServedModel(BaseModel):
+    name: str
+    checkpoint: str
+
+
+class ModelList(BaseModel):
+    models: list[ServedModel]  # in the config's order
+    default: str  # the model of requests that name none
 
 
 class ModelInfo(BaseModel):

@@ -1,8 +1,11 @@
 """Local paths and s3:// URIs behind one small API, shared by every stage.
 
-S3 access uses the standard AWS credential chain (env vars, profile, instance role); an
-S3-compatible server (MinIO, SeaweedFS, ...) is selected with ``AWS_ENDPOINT_URL`` or an
-explicit ``endpoint`` argument.
+S3 access uses the standard AWS credential chain (env vars, profile, instance role). The S3
+endpoint (an S3-compatible server: MinIO, SeaweedFS, ...) is process configuration, read here and
+nowhere else: a job's ``--s3-endpoint`` sets it (:func:`set_endpoint`), else ``AWS_ENDPOINT_URL_S3``
+or ``AWS_ENDPOINT_URL`` name it, else it is AWS. ``raycap.runtime.init_ray`` hands it to every Ray
+worker (:func:`worker_env`). pyarrow's S3FileSystem ignores the AWS variables, so this module
+passes the endpoint to it (and to boto3) itself.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from botocore.client import BaseClient
 from botocore.config import Config
 
 _S3 = "s3://"
+ENDPOINT_ENV = "RAYCAP_S3_ENDPOINT"  # what --s3-endpoint sets and Ray's workers receive
+_ENDPOINT_VARS = (ENDPOINT_ENV, "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")  # the first one set wins
 # Markers in pyarrow's S3 error messages (AWS error names as pyarrow spells them).
 _DENIED = ("ACCESS_DENIED", "SIGNATURE_DOES_NOT_MATCH", "INVALID_ACCESS_KEY_ID", "EXPIRED_TOKEN")
 
@@ -38,9 +43,32 @@ def is_s3(uri: str) -> bool:
     return uri.startswith(_S3)
 
 
-def s3_endpoint(endpoint: str | None = None) -> str | None:
-    """The S3 endpoint URL to use: ``endpoint``, else the AWS env vars, else None (AWS itself)."""
-    return endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+def _checked(url: str, source: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"S3 endpoint {url!r} (from {source}) is not a URL like http://host:port")
+    return url
+
+
+def endpoint() -> str | None:
+    """This process's S3 endpoint URL: the first of RAYCAP_S3_ENDPOINT (``--s3-endpoint``),
+    AWS_ENDPOINT_URL_S3 and AWS_ENDPOINT_URL that is set, else None (AWS itself)."""
+    for var in _ENDPOINT_VARS:
+        if url := os.environ.get(var):
+            return _checked(url, var)
+    return None
+
+
+def set_endpoint(url: str) -> None:
+    """Make ``url`` this process's S3 endpoint, ahead of the AWS variables (a job's ``--s3-endpoint``);
+    ``raycap.runtime.init_ray`` hands it on to Ray's workers."""
+    os.environ[ENDPOINT_ENV] = _checked(url, "--s3-endpoint")
+
+
+def worker_env() -> dict[str, str]:
+    """Environment variables that give a Ray worker this process's S3 endpoint (none for AWS)."""
+    url = endpoint()
+    return {ENDPOINT_ENV: url} if url else {}
 
 
 def _region() -> str:
@@ -56,21 +84,19 @@ def _split_s3(uri: str) -> tuple[str, str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _s3_filesystem(endpoint: str | None, region: str) -> pafs.S3FileSystem:
-    if endpoint is None:
+def _s3_filesystem(url: str | None, region: str) -> pafs.S3FileSystem:
+    if url is None:
         return pafs.S3FileSystem(region=region)
-    url = urlsplit(endpoint)
-    if url.scheme not in ("http", "https") or not url.netloc:
-        raise ValueError(f"S3 endpoint {endpoint!r} is not a URL like http://host:port (check AWS_ENDPOINT_URL)")
-    return pafs.S3FileSystem(endpoint_override=url.netloc, scheme=url.scheme, region=region)
+    parts = urlsplit(url)
+    return pafs.S3FileSystem(endpoint_override=parts.netloc, scheme=parts.scheme, region=region)
 
 
-def filesystem(uri: str, endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """A pyarrow filesystem for ``uri`` and the path to pass it (``bucket/key`` or an absolute path)."""
     if not is_s3(uri):
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
     bucket, key = _split_s3(uri)
-    return _s3_filesystem(s3_endpoint(endpoint), _region()), f"{bucket}/{key}".rstrip("/")
+    return _s3_filesystem(endpoint(), _region()), f"{bucket}/{key}".rstrip("/")
 
 
 def absolute(uri: str) -> str:
@@ -79,9 +105,9 @@ def absolute(uri: str) -> str:
     return uri if is_s3(uri) else os.path.abspath(os.path.expanduser(uri))
 
 
-def s3_client(endpoint: str | None = None) -> BaseClient:
+def s3_client() -> BaseClient:
     """A boto3 S3 client for the same endpoint, region and credential chain as :func:`filesystem`."""
-    url = s3_endpoint(endpoint)
+    url = endpoint()
     # Path-style addressing: custom endpoints rarely resolve bucket.host names.
     config = Config(s3={"addressing_style": "path"}) if url else None
     return boto3.client("s3", endpoint_url=url, region_name=_region(), config=config)
@@ -103,13 +129,13 @@ def join(base: str, *parts: str) -> str:
     return (base if base.endswith("/") else base + "/") + "/".join(segments)
 
 
-def _where(endpoint: str | None) -> str:
-    url = s3_endpoint(endpoint)
-    return f"endpoint {url}" if url else "AWS S3 (set AWS_ENDPOINT_URL for another S3 server)"
+def _where() -> str:
+    url = endpoint()
+    return f"endpoint {url}" if url else "AWS S3 (set --s3-endpoint or AWS_ENDPOINT_URL for another S3 server)"
 
 
 @contextmanager
-def _s3_errors(uri: str, endpoint: str | None) -> Iterator[None]:
+def _s3_errors(uri: str) -> Iterator[None]:
     """Re-raise pyarrow's S3 errors naming the URI, the endpoint and what to check."""
     try:
         yield
@@ -118,42 +144,42 @@ def _s3_errors(uri: str, endpoint: str | None) -> Iterator[None]:
             raise
         msg = str(e)
         bucket, _ = _split_s3(uri)
-        if "NO_SUCH_BUCKET" in msg or (isinstance(e, FileNotFoundError) and not _bucket_exists(bucket, endpoint)):
+        if "NO_SUCH_BUCKET" in msg or (isinstance(e, FileNotFoundError) and not _bucket_exists(bucket)):
             raise FileNotFoundError(
-                f"bucket {bucket!r} of {uri} does not exist at {_where(endpoint)}: "
-                "create it, or fix the URI or AWS_ENDPOINT_URL"
+                f"bucket {bucket!r} of {uri} does not exist at {_where()}: "
+                "create it, or fix the URI or the endpoint (--s3-endpoint, AWS_ENDPOINT_URL)"
             ) from e
         if isinstance(e, FileNotFoundError):
-            raise FileNotFoundError(f"{uri} does not exist at {_where(endpoint)}") from e
+            raise FileNotFoundError(f"{uri} does not exist at {_where()}") from e
         if any(marker in msg for marker in _DENIED):
             raise PermissionError(
-                f"access to {uri} denied at {_where(endpoint)}: check the credentials "
+                f"access to {uri} denied at {_where()}: check the credentials "
                 "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and their permissions on the bucket"
             ) from e
-        raise OSError(f"S3 request for {uri} failed at {_where(endpoint)}: {msg}") from e
+        raise OSError(f"S3 request for {uri} failed at {_where()}: {msg}") from e
 
 
-def _bucket_exists(bucket: str, endpoint: str | None) -> bool:
+def _bucket_exists(bucket: str) -> bool:
     """Best effort: True unless the bucket is known to be missing."""
     try:
-        info = _s3_filesystem(s3_endpoint(endpoint), _region()).get_file_info(bucket)
+        info = _s3_filesystem(endpoint(), _region()).get_file_info(bucket)
     except OSError:  # e.g. not allowed to look: don't claim it is missing
         return True
     return info.type != pafs.FileType.NotFound
 
 
-def read_bytes(uri: str, endpoint: str | None = None) -> bytes:
+def read_bytes(uri: str) -> bytes:
     """The whole content of a file or object."""
-    fs, path = filesystem(uri, endpoint)
-    with _s3_errors(uri, endpoint), fs.open_input_stream(path) as f:
+    fs, path = filesystem(uri)
+    with _s3_errors(uri), fs.open_input_stream(path) as f:
         return f.read()
 
 
-def write_bytes(uri: str, data: bytes, endpoint: str | None = None) -> None:
+def write_bytes(uri: str, data: bytes) -> None:
     """Write ``data`` atomically: readers see the old content or the new, never a partial file."""
-    fs, path = filesystem(uri, endpoint)
+    fs, path = filesystem(uri)
     if is_s3(uri):  # an S3 object appears only once its upload completes
-        with _s3_errors(uri, endpoint), fs.open_output_stream(path) as f:
+        with _s3_errors(uri), fs.open_output_stream(path) as f:
             f.write(data)
         return
     target = Path(path)
@@ -172,21 +198,21 @@ def write_bytes(uri: str, data: bytes, endpoint: str | None = None) -> None:
         raise
 
 
-def exists(uri: str, endpoint: str | None = None) -> bool:
+def exists(uri: str) -> bool:
     """True if a file, directory, object or prefix exists at ``uri``."""
-    fs, path = filesystem(uri, endpoint)
-    with _s3_errors(uri, endpoint):
+    fs, path = filesystem(uri)
+    with _s3_errors(uri):
         return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def list_files(prefix: str, suffixes: Sequence[str] | None = None, endpoint: str | None = None) -> list[FileInfo]:
+def list_files(prefix: str, suffixes: Sequence[str] | None = None) -> list[FileInfo]:
     """Files under ``prefix`` (recursive), optionally only those ending in ``suffixes``
     (case-insensitive), sorted by URI.
 
     Raises FileNotFoundError if ``prefix`` does not exist; an S3 prefix exists once it holds an object.
     """
-    fs, path = filesystem(prefix, endpoint)
-    with _s3_errors(prefix, endpoint):
+    fs, path = filesystem(prefix)
+    with _s3_errors(prefix):
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     scheme = _S3 if is_s3(prefix) else ""
     ends = tuple(s.lower() for s in suffixes) if suffixes is not None else None
@@ -198,10 +224,10 @@ def list_files(prefix: str, suffixes: Sequence[str] | None = None, endpoint: str
     return sorted(files, key=lambda f: f.uri)
 
 
-def relative_keys(prefix: str, uris: Sequence[str], endpoint: str | None = None) -> list[str]:
+def relative_keys(prefix: str, uris: Sequence[str]) -> list[str]:
     """Each URI of :func:`list_files` under ``prefix`` as a key relative to it (``a/b.jpg``)."""
-    base = filesystem(prefix, endpoint)[1].rstrip("/") + "/"
-    return [filesystem(uri, endpoint)[1][len(base) :] for uri in uris]
+    base = filesystem(prefix)[1].rstrip("/") + "/"
+    return [filesystem(uri)[1][len(base) :] for uri in uris]
 
 
 def ensure_dir(uri: str) -> None:

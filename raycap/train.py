@@ -38,7 +38,7 @@ import logging
 import math
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,20 +54,31 @@ from torch.utils.tensorboard import SummaryWriter
 
 from raycap import feature_store as fstore
 from raycap import storage
+from raycap.config import file_only, flag, nested
 from raycap.data.splits import COCO2017, SplitRef, TrainingData, check_roles
 from raycap.metrics import score_captions
 from raycap.models.checkpoint import (
     CaptionModel,
     CheckpointError,
+    Resume,
+    TrainState,
     load_checkpoint,
-    load_optimizer_state,
+    load_resume,
     save_checkpoint,
 )
 from raycap.models.decoders import DecoderConfig, build_decoder
-from raycap.recipe import Plateau, TrainConfig, TrainPlan, caption_steps, plan_training, train_epoch, validate
+from raycap.recipe import (
+    Plateau,
+    TrainConfig,
+    TrainPlan,
+    build_optimizer,
+    caption_steps,
+    plan_training,
+    train_epoch,
+    validate,
+)
 from raycap.runtime import init_ray
 
-STATE_FILE = "train_state.json"
 SHUFFLE_WINDOW = 8  # a worker shuffles the pairs of this many steps' worth of images at a time
 TENSORBOARD_DIR = "tensorboard"
 # Ray Train metric -> TensorBoard tag, written each epoch.
@@ -90,23 +101,30 @@ logger = logging.getLogger(__name__)
 class TrainJobConfig:
     """One training run of one decoder on Ray."""
 
-    features: str  # extraction output root (folder or s3:// prefix)
-    decoder: DecoderConfig = field(default_factory=DecoderConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    num_workers: int = 2
-    use_gpu: bool | None = None  # None: use GPUs when the cluster has them
-    cpus_per_worker: float = 1.0
-    captions_per_image: int = 5  # (image, caption) pairs per image and epoch, as in the reference
+    features: str = flag("--features", help="extraction output root (folder or s3:// prefix)")
+    decoder: DecoderConfig = nested(DecoderConfig)
+    train: TrainConfig = nested(TrainConfig)
+    num_workers: int = flag("--num-workers", 2, help="Ray Train workers (DDP ranks)")
+    use_gpu: bool | None = flag("--use-gpu", None, help="default: if the cluster has GPUs")
+    cpus_per_worker: float = flag("--cpus-per-worker", 1.0)
+    captions_per_image: int = flag(
+        "--captions-per-image", 5, help="(image, caption) pairs per image and epoch, as in the reference"
+    )
     # The split roles (raycap.data.splits); the defaults are COCO 2017's: val2017's even image ids
     # select, its odd ones report. Karpathy: [train, restval], val, test.
-    train_splits: tuple[str, ...] = COCO2017[0]
-    select_split: str = COCO2017[1]  # lr decay, early stopping, best checkpoint
-    report_split: str = COCO2017[2]  # jobs/evaluate.py's default
-    storage_path: str = "~/raycap_runs"  # folder or s3:// prefix for checkpoints and results
-    run_name: str | None = None  # default: raycap-{decoder kind}; the same name resumes
-    max_failures: int = 2  # worker failures retried from the last checkpoint
-    keep_checkpoints: int = 2  # best by BLEU-4; the latest is always kept too
-    s3_endpoint: str | None = None
+    train_splits: tuple[str, ...] = flag(
+        "--train-splits", COCO2017[0], help="splits to train on (Karpathy: train restval)"
+    )
+    select_split: str = flag(
+        "--select-split", COCO2017[1], help="split for lr decay, early stopping, best checkpoint"
+    )
+    report_split: str = flag("--report-split", COCO2017[2], help="split jobs/evaluate.py scores by default")
+    storage_path: str = flag(
+        "--storage-path", "~/raycap_runs", help="folder or s3:// prefix for runs and checkpoints"
+    )
+    run_name: str | None = flag("--run-name", None, help="default raycap-<model>; the same name resumes")
+    max_failures: int = flag("--max-failures", 2, help="worker failures retried from the last checkpoint")
+    keep_checkpoints: int = file_only(2)  # best by BLEU-4; the latest is always kept too
 
     def __post_init__(self) -> None:
         check_roles(self.train_splits, self.select_split, self.report_split)
@@ -127,9 +145,9 @@ class TrainOutcome:
 
 
 @functools.lru_cache(maxsize=4)
-def _caption_index(uri_root: str, split: str, per_image: int, endpoint: str | None) -> dict[int, np.ndarray]:
+def _caption_index(uri_root: str, split: str, per_image: int) -> dict[int, np.ndarray]:
     """image id -> (per_image, L) token ids; images with fewer captions cycle through theirs."""
-    captions = fstore.read_captions(uri_root, split, endpoint)
+    captions = fstore.read_captions(uri_root, split)
     order = np.argsort(captions.image_ids, kind="stable")
     ids, tokens = captions.image_ids[order], captions.tokens[order]
     starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
@@ -137,13 +155,11 @@ def _caption_index(uri_root: str, split: str, per_image: int, endpoint: str | No
     return {int(ids[s]): tokens[s:e][np.arange(per_image) % (e - s)] for s, e in zip(starts, ends)}
 
 
-def attach_captions(
-    batch: dict[str, np.ndarray], root: str, split: str, per_image: int, endpoint: str | None
-) -> dict[str, np.ndarray]:
+def attach_captions(batch: dict[str, np.ndarray], root: str, split: str, per_image: int) -> dict[str, np.ndarray]:
     """Ray Data batch of image rows of `split` (a split reference) -> the same rows with `captions`
     (B, k, L); images without captions or outside the split's half dropped."""
     ref = SplitRef.parse(split)
-    index = _caption_index(root, ref.name, per_image, endpoint)
+    index = _caption_index(root, ref.name, per_image)
     keep = ref.keep(batch["image_id"]) & np.array([int(i) in index for i in batch["image_id"]], dtype=bool)
     ids = batch["image_id"][keep]
     captions = np.stack([index[int(i)] for i in ids]) if len(ids) else np.zeros((0, per_image, 1), np.int32)
@@ -155,14 +171,14 @@ def build_dataset(cfg: TrainJobConfig, splits: tuple[str, ...], shuffle: bool) -
     parts = []
     for split in splits:
         directory = fstore.features_dir(cfg.features, SplitRef.parse(split).name)
-        if not fstore.list_shards(directory, cfg.s3_endpoint):
+        if not fstore.list_shards(directory):
             raise FileNotFoundError(f"no feature shards under {directory}: run jobs/extract_features.py first")
-        fs, path = storage.filesystem(directory, cfg.s3_endpoint)
+        fs, path = storage.filesystem(directory)
         ds = ray.data.read_parquet(path, filesystem=fs).select_columns(["image_id", "features"])
         parts.append(
             ds.map_batches(
                 attach_captions,
-                fn_args=(cfg.features, split, cfg.captions_per_image, cfg.s3_endpoint),
+                fn_args=(cfg.features, split, cfg.captions_per_image),
                 batch_format="numpy",
             )
         )
@@ -174,8 +190,8 @@ def split_images(cfg: TrainJobConfig, split: str) -> tuple[np.ndarray, int]:
     """The image ids (N,) of a split reference's rows that training uses (features and captions, in the
     half), one per row, and the number of their captions."""
     ref = SplitRef.parse(split)
-    feature_ids = fstore.split_state(cfg.features, ref.name, cfg.s3_endpoint).feature_ids  # (N,)
-    caption_ids = fstore.read_captions(cfg.features, ref.name, cfg.s3_endpoint).image_ids  # (M,)
+    feature_ids = fstore.split_state(cfg.features, ref.name).feature_ids  # (N,)
+    caption_ids = fstore.read_captions(cfg.features, ref.name).image_ids  # (M,)
     ids = feature_ids[np.isin(feature_ids, caption_ids) & ref.keep(feature_ids)]
     if not len(ids):
         raise ValueError(
@@ -206,7 +222,7 @@ def plan_lines(cfg: TrainJobConfig, plan: TrainPlan, data: TrainingData) -> list
         *plan.describe(),
     ]
     try:
-        extracted = fstore.read_manifest(cfg.features, cfg.s3_endpoint)["splits"]
+        extracted = fstore.read_manifest(cfg.features)["splits"]
     except FileNotFoundError:
         extracted = {}
     used = {SplitRef.parse(s).name for s in (*cfg.train_splits, cfg.select_split, cfg.report_split)}
@@ -268,30 +284,6 @@ def run_uri(cfg: TrainJobConfig) -> str:
     return storage.join(storage_root(cfg), cfg.name)
 
 
-@dataclass
-class Restored:
-    """What a worker resumes from: decoder weights, optimizer state and the recipe's counters."""
-
-    decoder: dict[str, torch.Tensor]
-    optimizer: dict[str, Any] | None
-    state: dict[str, Any]  # STATE_FILE: epoch, lr, best_bleu4, since_best
-
-
-def read_restored(directory: str | Path) -> Restored:
-    """Load everything a resume needs from a local checkpoint folder; CheckpointError if any part is damaged."""
-    decoder = load_checkpoint(directory).decoder.state_dict()
-    optimizer = load_optimizer_state(directory)
-    state_file = Path(directory) / STATE_FILE
-    try:
-        state = json.loads(state_file.read_text(encoding="utf-8"))
-        missing = {"epoch", "lr", "best_bleu4", "since_best"} - set(state)
-    except (OSError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"{state_file} is not readable JSON: {type(exc).__name__}: {exc}") from exc
-    if missing:
-        raise CheckpointError(f"{state_file} lacks {sorted(missing)}")
-    return Restored(decoder, optimizer, state)
-
-
 def older_checkpoints(checkpoint: ray.train.Checkpoint) -> list[ray.train.Checkpoint]:
     """The run's checkpoints written before `checkpoint`, newest first (Ray Train names them by time)."""
     run_dir, name = checkpoint.path.rstrip("/").rsplit("/", 1)
@@ -303,17 +295,17 @@ def older_checkpoints(checkpoint: ray.train.Checkpoint) -> list[ray.train.Checkp
     return [ray.train.Checkpoint(f"{run_dir}/{n}", filesystem=checkpoint.filesystem) for n in names if n < name]
 
 
-def restore(latest: ray.train.Checkpoint) -> Restored:
+def restore(latest: ray.train.Checkpoint) -> Resume:
     """Resume state from `latest`, or, if it is damaged, from the newest older checkpoint of the run that loads."""
     for checkpoint in [latest, *older_checkpoints(latest)]:
         try:
             with checkpoint.as_directory() as directory:
-                restored = read_restored(directory)
+                restored = load_resume(directory)
         except CheckpointError as exc:
             logger.warning("[raycap] skipping checkpoint %s, which does not load: %s", checkpoint.path, exc)
             continue
         if checkpoint is not latest:
-            logger.warning("[raycap] resuming from %s (epoch %d) instead", checkpoint.path, restored.state["epoch"])
+            logger.warning("[raycap] resuming from %s (epoch %d) instead", checkpoint.path, restored.state.epoch)
         return restored
     raise CheckpointError(
         f"no checkpoint of the run at {latest.path.rstrip('/').rsplit('/', 1)[0]} loads (see the warnings above): "
@@ -324,8 +316,8 @@ def restore(latest: ray.train.Checkpoint) -> Restored:
 class Scalars:
     """Per-epoch TensorBoard scalars, written locally and copied to `target` (folder or s3:// prefix) each epoch."""
 
-    def __init__(self, target: str, start_epoch: int, endpoint: str | None) -> None:
-        self.target, self.endpoint = target, endpoint
+    def __init__(self, target: str, start_epoch: int) -> None:
+        self.target = target
         self.local = tempfile.TemporaryDirectory(prefix="raycap-tensorboard-")
         # purge_step hides the steps an earlier attempt logged from here on: a resume redoes them.
         self.writer = SummaryWriter(self.local.name, purge_step=start_epoch)
@@ -335,7 +327,7 @@ class Scalars:
             self.writer.add_scalar(tag, float(metrics[key]), epoch)
         self.writer.flush()
         for file in Path(self.local.name).iterdir():
-            storage.write_bytes(storage.join(self.target, file.name), file.read_bytes(), self.endpoint)
+            storage.write_bytes(storage.join(self.target, file.name), file.read_bytes())
 
     def close(self) -> None:
         self.writer.close()
@@ -348,9 +340,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     plan: TrainPlan = config["plan"]
     tcfg = cfg.train
     torch.manual_seed(tcfg.seed)
-    vocab = fstore.read_vocab(cfg.features, cfg.s3_endpoint)
-    spec = fstore.stored_spec(cfg.features, SplitRef.parse(cfg.train_splits[0]).name, cfg.s3_endpoint)
-    references = fstore.read_references(cfg.features, SplitRef.parse(cfg.select_split).name, cfg.s3_endpoint)
+    vocab = fstore.read_vocab(cfg.features)
+    spec = fstore.stored_spec(cfg.features, SplitRef.parse(cfg.train_splits[0]).name)
+    references = fstore.read_references(cfg.features, SplitRef.parse(cfg.select_split).name)
     decoder = build_decoder(cfg.decoder, len(vocab), spec.encoder.feature_dim, spec.encoder.grid)
 
     start_epoch, plateau, lr = 0, Plateau(tcfg), plan.lr  # lr: after the lr rule and any decay, before warmup
@@ -360,11 +352,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         restored = restore(checkpoint)
         decoder.load_state_dict(restored.decoder)
         optimizer_state = restored.optimizer
-        start_epoch, lr = restored.state["epoch"] + 1, restored.state["lr"]
-        plateau = Plateau(tcfg, restored.state["best_bleu4"], restored.state["since_best"])
+        start_epoch, lr = restored.state.epoch + 1, restored.state.lr
+        plateau = Plateau(tcfg, restored.state.best_bleu4, restored.state.since_best)
 
     model = ray.train.torch.prepare_model(decoder)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    optimizer = build_optimizer(model, lr)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     device = ray.train.torch.get_device()
@@ -372,7 +364,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     rank = ray.train.get_context().get_world_rank()
-    scalars = Scalars(storage.join(run_uri(cfg), TENSORBOARD_DIR), start_epoch, cfg.s3_endpoint) if rank == 0 else None
+    scalars = Scalars(storage.join(run_uri(cfg), TENSORBOARD_DIR), start_epoch) if rank == 0 else None
 
     window = SHUFFLE_WINDOW * plan.per_worker  # images
     for epoch in range(start_epoch, tcfg.epochs):
@@ -413,9 +405,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     {"train": dataclasses.asdict(tcfg), "plan": dataclasses.asdict(plan)},
                     config["data"],
                 )
-                save_checkpoint(tmp, caption_model, optimizer)
-                state = {"epoch": epoch, "lr": lr, "best_bleu4": plateau.best, "since_best": plateau.since_best}
-                (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
+                state = TrainState(epoch, lr, plateau.best, plateau.since_best)
+                save_checkpoint(tmp, caption_model, optimizer, state)
                 (Path(tmp) / "predictions.json").write_text(
                     json.dumps([{"image_id": i, "caption": c} for i, c in sorted(predictions.items())])
                 )
@@ -442,7 +433,7 @@ def train(cfg: TrainJobConfig) -> TrainOutcome:
     init_ray()
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     root = storage_root(cfg)
-    filesystem, storage_path = storage.filesystem(root, cfg.s3_endpoint) if storage.is_s3(root) else (None, root)
+    filesystem, storage_path = storage.filesystem(root) if storage.is_s3(root) else (None, root)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": cfg, "plan": plan, "data": data},

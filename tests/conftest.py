@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -172,7 +173,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     try:
         _wait_until_ready(server, proc, log)
         with pytest.MonkeyPatch.context() as mp:
-            for var in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL_S3"):
+            for var in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "RAYCAP_S3_ENDPOINT"):
                 mp.delenv(var, raising=False)
             mp.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
             mp.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
@@ -199,11 +200,46 @@ def ray_session(s3_server: S3Server) -> Iterator[None]:
     AWS env vars. Fractional-CPU actors and these spare logical CPUs keep reads from starving."""
     import ray  # imported here: unit-only sessions should not pay for it
 
-    ray.init(num_cpus=RAY_CPUS, object_store_memory=RAY_OBJECT_STORE_BYTES, include_dashboard=False)
+    # Workers' output stays in the session's log files, out of pytest's; a failing test shows it.
+    ray.init(
+        num_cpus=RAY_CPUS, object_store_memory=RAY_OBJECT_STORE_BYTES, include_dashboard=False, log_to_driver=False
+    )
     try:
         yield
     finally:
         ray.shutdown()
+
+
+RAY_LOG_TAIL_LINES = 30
+RAY_LOG_FILES = 8
+
+
+def _ray_logs_since(start: float) -> str:
+    """The last lines of each Ray worker and Serve log of this session written since `start` (epoch seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        return ""
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    written = [p for p in (*logs.glob("worker-*"), *logs.glob("serve/*.log")) if p.stat().st_mtime >= start]
+    recent = sorted(written, key=lambda p: p.stat().st_mtime)
+    parts = []
+    for path in recent[-RAY_LOG_FILES:]:
+        lines = path.read_text(errors="replace").splitlines()[-RAY_LOG_TAIL_LINES:]
+        if lines:
+            parts.append(f"--- {path} (last {len(lines)} lines)\n" + "\n".join(lines))
+    return "\n".join(parts)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:
+    """A failed test's report carries the Ray worker logs written while it ran."""
+    report = yield
+    if report.failed and call.when == "call" and "ray" in sys.modules:
+        logs = _ray_logs_since(call.start)
+        if logs:
+            report.sections.append(("Ray worker logs", logs))
+    return report
 
 
 @pytest.fixture(scope="session")
@@ -212,7 +248,7 @@ def tiny_features(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -
     training tests."""
     from raycap.data.synthetic import generate
     from raycap.features import ExtractConfig, extract_features
-    from raycap.models.encoder import EncoderConfig
+    from raycap.models.encoder_config import EncoderConfig
 
     root = tmp_path_factory.mktemp("tiny_features")
     data = generate(root / "coco", n_train=32, n_val=8, seed=3)

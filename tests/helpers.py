@@ -33,7 +33,7 @@ from PIL import Image
 from raycap.data.vocab import Vocab
 from raycap.models.checkpoint import CaptionModel, save_checkpoint
 from raycap.models.decoders import DecoderConfig, build_decoder
-from raycap.models.encoder import EncoderConfig
+from raycap.models.encoder_config import EncoderConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SERVE_CONFIG = REPO / "serve_config.yaml"
@@ -76,12 +76,15 @@ def png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
-def make_checkpoint(root: Path, name: str, grid: int, seed: int) -> Path:
+def make_checkpoint(root: Path, name: str, grid: int, seed: int, trunk: str | None = None) -> Path:
     """A random-weight attention captioner on a seeded resnet18 whose weights are saved to a file,
-    so every process builds the same encoder."""
+    so every process builds the same encoder. Checkpoints given the same `trunk` name share one
+    weights file (the first one's), as models trained on one encoder do."""
     torch.manual_seed(seed)
-    weights = root / f"{name}-resnet18.pt"
-    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    weights = root / f"{trunk or name}-resnet18.pt"
+    state = torchvision.models.resnet18(weights=None).state_dict()  # drawn always: the decoder's seed stays put
+    if not weights.exists():
+        torch.save(state, weights)
     encoder_cfg = EncoderConfig("resnet18", str(weights), grid=grid, image_size=64)
     decoder_cfg = DecoderConfig("attention", embed_dim=32, decoder_dim=32, attention_dim=32, dropout=0.0)
     vocab = Vocab(WORDS)
@@ -92,7 +95,7 @@ def make_checkpoint(root: Path, name: str, grid: int, seed: int) -> Path:
                          (decoder.lstm.weight_ih, 3), (decoder.fc.weight, 10)):  # fmt: skip
         weight.data.mul_(gain)
     decoder.fc.bias.data[vocab.end_id] = -4.0  # fewer empty captions
-    return save_checkpoint(root / name, CaptionModel(decoder, vocab, encoder_cfg, decoder_cfg))
+    return Path(save_checkpoint(root / name, CaptionModel(decoder, vocab, encoder_cfg, decoder_cfg)))
 
 
 def free_port() -> int:
@@ -101,12 +104,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def deploy_pinned(checkpoint: str, max_decode_len: int) -> str:
+def deploy_pinned(checkpoint: str, max_decode_len: int, args: dict | None = None, env: dict | None = None) -> str:
     """The repo's serve_config.yaml on the session's Ray with one Encoder and one Decoder replica,
-    captions of at most `max_decode_len` words and a free port; returns the base URL."""
+    captions of at most `max_decode_len` words, the application `args` (limits) and the replicas'
+    `env` (e.g. a test's API token) changed and a free port; returns the base URL."""
     from raycap.serve_deploy import deploy, load_config
 
     overrides = {
+        "args": args or {},
+        "runtime_env": {"env_vars": env} if env else None,  # None: as in the file
         "deployments": {"Encoder": PINNED, "Decoder": {**PINNED, "user_config": {"max_decode_len": max_decode_len}}},
         "logging_config": {"enable_access_log": False},
     }

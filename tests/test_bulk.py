@@ -28,7 +28,9 @@ from raycap.bulk import (
 )
 from raycap.models.beam import beam_search
 from raycap.models.checkpoint import load_checkpoint
+from raycap.models.decoding import BEAM_SIZE
 from raycap.models.encoder import Encoder
+from raycap.serve_schema import InvalidOptions
 
 MAX_LEN = 8
 GOOD = 14
@@ -39,7 +41,8 @@ BAD = {  # name -> what its error row must say
     "bad/bomb.png": "image too large",
     "big/huge.jpg": "exceeds the limit",
 }
-MAX_IMAGE_BYTES = 20_000
+MAX_IMAGE_BYTES = 20_000  # the application's limit, which the bulk job shares
+MAX_BEAM_SIZE = 4
 
 
 def _bad_files() -> dict[str, bytes]:
@@ -67,7 +70,7 @@ def bucket(s3_server) -> tuple[str, dict[str, bytes]]:
 def app(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The application deployed from serve_config.yaml with a random-weight checkpoint; yields it."""
     checkpoint = str(make_checkpoint(tmp_path_factory.mktemp("bulk_ckpt"), "bulk-model", grid=3, seed=4))
-    deploy_pinned(checkpoint, MAX_LEN)
+    deploy_pinned(checkpoint, MAX_LEN, {"max_image_bytes": MAX_IMAGE_BYTES, "max_beam_size": MAX_BEAM_SIZE})
     try:
         yield checkpoint
     finally:
@@ -85,14 +88,13 @@ def _direct_captions(checkpoint: str, files: dict[str, bytes], prefix: str) -> d
             continue
         pixels, _ = encoder.preprocess(data)
         best = beam_search(model.decoder, encoder.encode(pixels[None].copy()), vocab.start_id, vocab.end_id,
-                           beam_size=3, max_len=MAX_LEN, banned=(vocab.unk_id,))[0][0]  # fmt: skip
+                           beam_size=BEAM_SIZE, max_len=MAX_LEN, banned=(vocab.unk_id,))[0][0]  # fmt: skip
         out[f"{prefix}/{name}"] = vocab.decode_text(best.tokens)
     return out
 
 
 def _config(source: str, out: str, **kwargs) -> BulkConfig:
-    return BulkConfig(source=source, out=out, max_image_bytes=MAX_IMAGE_BYTES, clients=1, in_flight=8,
-                      read_batch_size=4, rows_per_shard=6, **kwargs)  # fmt: skip
+    return BulkConfig(source=source, out=out, clients=1, in_flight=8, read_batch_size=4, rows_per_shard=6, **kwargs)
 
 
 def _assert_exactly_once(results: pa.Table, files: dict[str, bytes], prefix: str) -> None:
@@ -138,7 +140,7 @@ def test_read_batch_gives_each_bad_file_its_reason_and_decodes_the_rest(tmp_path
     keys.append(str(tmp_path / "gone.jpg"))  # listed, then deleted before the read
     sizes.append(10)
     batch = {"key": np.array(keys, dtype=object), "size": np.array(sizes)}
-    out = read_batch(batch, image_size=32, max_image_bytes=MAX_IMAGE_BYTES, max_pixels=10**7, retries=1, endpoint=None)
+    out = read_batch(batch, image_size=32, max_image_bytes=MAX_IMAGE_BYTES, max_pixels=10**7, retries=1)
     assert out["image"].shape == (len(keys), 32, 32, 3) and out["error"][0] == ""
     assert out["image"][0].any()
     for (name, reason), error in zip(BAD.items(), out["error"][1:-1]):
@@ -219,6 +221,18 @@ def test_filters_and_dry_run_count_without_writing(bucket: tuple[str, dict[str, 
     summary = caption_bucket(_config(prefix, str(out), include=("a/*", "bad/*"), exclude=("*.txt",), dry_run=True))
     expected = sum(1 for n in files if n.startswith(("a/", "bad/")) and not n.endswith(".txt"))
     assert (summary.listed, summary.matched, summary.todo) == (len(files), expected, expected)
+    assert not out.exists()
+
+
+@pytest.mark.integration
+def test_beam_size_over_the_apps_limit_is_refused_before_any_caption(
+    app: str, bucket: tuple[str, dict[str, bytes]], tmp_path: Path
+) -> None:
+    prefix, _ = bucket
+    out = tmp_path / "wide"
+    wide = MAX_BEAM_SIZE + 1
+    with pytest.raises(InvalidOptions, match=f"beam_size must be between 1 and {MAX_BEAM_SIZE}, got {wide}"):
+        caption_bucket(_config(prefix, str(out), beam_size=wide))
     assert not out.exists()
 
 

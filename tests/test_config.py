@@ -3,9 +3,13 @@ and the jobs' exit codes and messages."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import subprocess
 import sys
+import typing
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -15,12 +19,17 @@ import yaml
 from pydantic import BaseModel
 from ray.exceptions import RayTaskError
 
-from raycap.config import ConfigError, JobParser, from_dict, load_yaml, print_config, run_job
+from raycap import storage
+from raycap.bulk import BulkConfig
+from raycap.config import ConfigError, JobParser, flag_kind, from_dict, load_yaml, print_config, run_job
+from raycap.data import synthetic
 from raycap.demo import DemoConfig
+from raycap.evaluate import EvaluateConfig
 from raycap.features import ExtractConfig
 from raycap.models.decoders import DecoderConfig
-from raycap.models.encoder import EncoderConfig
+from raycap.models.encoder_config import EncoderConfig
 from raycap.recipe import TrainConfig
+from raycap.serve_schema import SERVE_CONFIG
 from raycap.train import TrainJobConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,6 +139,20 @@ def test_a_config_file_can_live_in_a_bucket(s3_server, train_job: ModuleType) ->
         load_yaml(f"s3://{bucket}/configs/missing.yaml", "train")
 
 
+@pytest.mark.integration
+def test_s3_endpoint_flag_alone_reads_a_config_in_a_bucket(
+    s3_server, train_job: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bucket = s3_server.make_bucket()
+    s3_server.client().put_object(Bucket=bucket, Key="train.yaml", Body=b"train:\n  features: s3://data/features\n")
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    monkeypatch.setenv(storage.ENDPOINT_ENV, "")  # unset, and restored after the flag sets it
+    argv = ["--config", f"s3://{bucket}/train.yaml", "--s3-endpoint", s3_server.endpoint_url]
+    values = train_job.parse_args(argv)
+    assert values["features"] == "s3://data/features" and "s3_endpoint" not in values  # process config, no field
+    assert storage.worker_env() == {storage.ENDPOINT_ENV: s3_server.endpoint_url}  # for init_ray's workers
+
+
 # --- precedence: reference defaults < YAML < flags ----------------------------------------------
 
 
@@ -189,7 +212,7 @@ class Toy:
 
 
 def _toy_parser() -> JobParser:
-    p = JobParser("toy", "toy")
+    p = JobParser("toy", "toy", Toy)  # flags added by hand: Toy's fields declare none
     p.add_argument("--name", required=True)
     p.add_argument("--include", action="append", default=[])
     p.add_argument("-v", dest="verbose", action="count", default=0)
@@ -199,27 +222,146 @@ def _toy_parser() -> JobParser:
 
 def test_repeatable_and_counting_flags_replace_the_files_values(tmp_path: Path) -> None:
     path = _write(tmp_path / "c.yaml", "toy: {name: n, include: ['*.jpg', '*.png'], verbose: 2, dry_run: true}\n")
-    assert _toy_parser().parse_config(Toy, ["--config", str(path)]) == Toy("n", ("*.jpg", "*.png"), 2, True)
+    assert _toy_parser().parse_config(["--config", str(path)]) == Toy("n", ("*.jpg", "*.png"), 2, True)
     flags = ["--config", str(path), "--include", "a/*", "--include", "b/*", "-v"]
-    assert _toy_parser().parse_config(Toy, flags) == Toy("n", ("a/*", "b/*"), 1, True)
-    assert _toy_parser().parse_config(Toy, ["--name", "m"]) == Toy("m")
+    assert _toy_parser().parse_config(flags) == Toy("n", ("a/*", "b/*"), 1, True)
+    assert _toy_parser().parse_config(["--name", "m"]) == Toy("m")
 
 
 def test_help_shows_the_files_values_as_defaults(tmp_path: Path, capsys) -> None:
     path = _write(tmp_path / "c.yaml", "toy: {name: n, include: ['*.jpg']}\n")
     with pytest.raises(SystemExit) as info:
-        _toy_parser().parse_config(Toy, ["--config", str(path), "--help"])
+        _toy_parser().parse_config(["--config", str(path), "--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert "default: ['*.jpg']" in out and "default: n" in out
 
 
 def test_unknown_keys_in_a_job_config_are_reported(tmp_path: Path) -> None:
-    parser = JobParser("test", "extract")
-    parser.add_argument("--out", required=True)
+    parser = JobParser("test", "extract", ExtractConfig)
     path = _write(tmp_path / "c.yaml", "extract: {out: o, coco_root: c, encoder: {archh: resnet50}}\n")
     with pytest.raises(ConfigError, match="unknown key 'archh' in section extract.encoder"):
-        parser.parse_config(ExtractConfig, ["--config", str(path)])
+        parser.parse_config(["--config", str(path)])
+
+
+# --- flags derived from the dataclasses ----------------------------------------------------------
+
+JOB_CONFIGS = {"extract": ExtractConfig, "train": TrainJobConfig, "evaluate": EvaluateConfig, "bulk": BulkConfig,
+               "demo": DemoConfig}  # fmt: skip
+PROCESS_FLAGS = {"-h", "--help", "--config", "--s3-endpoint"}  # every job's, no field's
+# The jobs' flags, as named when they were written by hand: users' scripts call them by these names
+# (a new flag joins the list; a renamed one breaks those scripts).
+FLAG_NAMES = {
+    "extract": "--out --coco-root --images --karpathy-file --splits --year --images-split --arch --weights --grid "
+    "--image-size --dtype --stored-grid --batch-size --encoders --encoder-cpus --torch-threads --decode-batch-size "
+    "--decode-cpus --rows-per-shard --limit --min-freq --max-words",
+    "train": "--features --model --embed-dim --decoder-dim --attention-dim --dropout --epochs --captions-per-step --lr "
+    "--lr-rule --warmup-epochs --grad-clip --alpha-c --lr-decay --decay-patience --early-stop-patience --beam-size "
+    "--seed --num-workers --use-gpu --no-use-gpu --cpus-per-worker --captions-per-image --train-splits --select-split "
+    "--report-split --storage-path --run-name --max-failures",
+    "evaluate": "--checkpoint --features --split --out --beam-size --max-decode-len --allow-unk --pictures "
+    "--compare --allow-train-overlap --official",
+    "bulk": "--source --out --checkpoint --model --serve-config --app-name --http-port --format --include --exclude --limit "
+    "--dry-run --beam-size --read-batch-size --clients --in-flight --retries --rows-per-shard",
+    "demo": "--out --train --val --seed --epochs --captions-per-step --num-workers",
+}
+
+
+def _fields(cls: type, prefix: str = "") -> Iterator[tuple[str, str | None]]:
+    """(dotted name, flag_kind) of every field of a job config, nested ones' fields instead of them."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if flag_kind(f) == "nested":
+            yield from _fields(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", flag_kind(f)
+
+
+@pytest.mark.parametrize("section", JOB_CONFIGS)
+def test_every_field_has_exactly_one_flag_or_is_file_only(section: str) -> None:
+    fields = dict(_fields(JOB_CONFIGS[section]))
+    undeclared = [name for name, kind in fields.items() if kind is None]
+    assert not undeclared, f"{section}: declare each field with flag(...), nested(...) or file_only(...): {undeclared}"
+    parser = JobParser(None, section, JOB_CONFIGS[section])
+    dests = Counter(a.dest for a in parser._actions if not set(a.option_strings) & PROCESS_FLAGS)
+    assert dests == Counter(name for name, kind in fields.items() if kind == "flag")  # one each, no other
+
+
+@pytest.mark.parametrize("section", JOB_CONFIGS)
+def test_the_jobs_keep_their_flag_names(section: str) -> None:
+    parser = JobParser(None, section, JOB_CONFIGS[section])
+    names = {name for a in parser._actions for name in a.option_strings} - PROCESS_FLAGS
+    assert names == set(FLAG_NAMES[section].split())
+
+
+def test_flags_default_to_the_dataclass_and_keep_the_hints_types(extract_job: ModuleType) -> None:
+    cfg = extract_job.parse_args(["--images", "i", "--out", "o", "--splits", "val", "test", "--encoder-cpus", "2",
+                                  "--encoders", "3", "--grid", "7"])  # fmt: skip
+    assert cfg == ExtractConfig(out="o", images="i", splits=("val", "test"), encoder_cpus=2.0, num_encoders=3,
+                                encoder=EncoderConfig(grid=7))  # fmt: skip
+    with pytest.raises(SystemExit):  # the Literal's choices
+        JobParser(None, "bulk", BulkConfig).parse_config(["--source", "s", "--out", "o", "--format", "csv"])
+
+
+def test_an_override_for_a_flag_the_dataclass_lacks_is_an_error() -> None:
+    with pytest.raises(ValueError, match="TrainJobConfig has no flag for the overrides of decoder.knd"):
+        JobParser(None, "train", TrainJobConfig, overrides={"decoder.knd": {"default": "both"}})
+
+
+@pytest.mark.parametrize("argv", [["--epoch", "3"], ["--conf", "c.yaml"], ["--s3", "http://127.0.0.1:1"]])
+def test_abbreviated_flags_are_refused(argv: list[str], train_job: ModuleType, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        train_job.parse_args(["--features", "f", *argv])
+    assert info.value.code == 2
+    assert f"unrecognized arguments: {' '.join(argv)}" in capsys.readouterr().err
+
+
+def _help(parse, monkeypatch: pytest.MonkeyPatch, capsys) -> str:
+    monkeypatch.setenv("COLUMNS", "250")  # argparse wraps help at $COLUMNS
+    with pytest.raises(SystemExit) as info:
+        parse(["--help"])
+    assert info.value.code == 0
+    return capsys.readouterr().out
+
+
+def _entries(help_text: str) -> dict[str, str]:
+    """Each flag's entry in --help: its line and the indented lines that continue it."""
+    entries: dict[str, str] = {}
+    name = None
+    for line in help_text.splitlines():
+        if line.startswith("  -"):
+            name = line.split()[0].rstrip(",")
+            entries[name] = line
+        elif name is not None and line.startswith("   "):
+            entries[name] += " " + line.strip()
+        else:
+            name = None
+    return entries
+
+
+@pytest.mark.parametrize("section", JOB_CONFIGS)
+def test_help_shows_every_flags_default(section: str, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    parser = JobParser(None, section, JOB_CONFIGS[section])
+    entries = _entries(_help(parser.parse_values, monkeypatch, capsys))
+    shown = [a for a in parser._actions if a.default is not None and not set(a.option_strings) & PROCESS_FLAGS]
+    assert len(shown) > 3
+    for action in shown:
+        assert f"default: {action.default}" in entries[action.option_strings[0]]
+
+
+def test_the_serve_job_takes_s3_endpoint_and_its_own_config_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(storage.ENDPOINT_ENV, "")  # unset, and restored after the flag sets it
+    args = _job("serve").parse_args(["--checkpoint", "s3://b/ckpt", "--s3-endpoint", "http://127.0.0.1:9"])
+    assert (args.checkpoint, args.config, args.port, args.address) == ("s3://b/ckpt", SERVE_CONFIG, None, None)
+    assert storage.endpoint() == "http://127.0.0.1:9"
+
+
+def test_serve_and_synthetic_help_show_defaults(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    serve = " ".join(_help(_job("serve").parse_args, monkeypatch, capsys).split())
+    assert f"Serve config file (ServeDeploySchema) (default: {SERVE_CONFIG})" in serve
+    assert "--s3-endpoint URL" in serve
+    made = " ".join(_help(synthetic.main, monkeypatch, capsys).split())
+    assert "number of train2017 images (default: 400)" in made and "(default: 0)" in made
 
 
 # --- configs/coco.yaml ----------------------------------------------------------------------------
@@ -266,7 +408,7 @@ def test_print_config_redacts_secrets(monkeypatch: pytest.MonkeyPatch, capsys) -
         "api_key": "k-1",
         "password": "hunter2",
         "env_vars": {"RAYCAP_API_TOKEN": "tok-123456"},
-        "s3_endpoint": "http://alice:pa55@127.0.0.1:9000",
+        "url": "http://alice:pa55@127.0.0.1:9000",
         "note": "signed with wJalrXUtnFEMI",
         "max_tokens": 50,  # numbers are never secrets
         "checkpoint": "s3://bucket/key/ckpt",
@@ -276,7 +418,7 @@ def test_print_config_redacts_secrets(monkeypatch: pytest.MonkeyPatch, capsys) -
     for secret in ("plain-secret", "k-1", "hunter2", "tok-123456", "pa55", "wJalrXUtnFEMI"):
         assert secret not in text
     loaded = yaml.safe_load(text)["serve"]
-    assert loaded["s3_endpoint"] == "http://alice:***@127.0.0.1:9000"
+    assert loaded["url"] == "http://alice:***@127.0.0.1:9000"
     assert loaded["max_tokens"] == 50 and loaded["checkpoint"] == "s3://bucket/key/ckpt"
 
 

@@ -21,7 +21,8 @@ from raycap.models.decoders import (
     caption_loss,
     trim_padding,
 )
-from raycap.models.encoder import EncoderConfig, pool_to_grid
+from raycap.models.encoder import pool_to_grid
+from raycap.models.encoder_config import EncoderConfig
 
 VOCAB, FEATURES, P, PAD = 20, 16, 9, 0
 KINDS = ["gru", "attention"]

@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 from torch import nn
 from torchvision.transforms import Normalize
 
-from raycap.models.encoder import IMAGENET, Encoder, EncoderConfig, pool_to_grid
+from raycap.models.encoder import IMAGENET, Encoder, pool_to_grid
+from raycap.models.encoder_config import EncoderConfig
 
 SIZE, NATIVE, GRID = 64, 2, 4  # images 64x64 give a 2x2 feature map; the decoder's grid is another
 Source = tuple[nn.Module, torch.Tensor]  # a model and its expected features for _images(2)

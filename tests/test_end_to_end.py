@@ -1,12 +1,16 @@
 """The user's path on a cluster, on loopback: a Ray cluster started with `ray start --head`, data in a
 bucket on the real S3 server, and the three stages submitted as users submit them
-(`ray job submit --working-dir . --runtime-env-json ... -- python jobs/<job>.py`): extract features,
-train, caption a bucket (which deploys the Serve application), then caption over HTTP."""
+(`ray job submit --working-dir . -- python jobs/<job>.py --s3-endpoint URL ...`): extract features,
+train, caption a bucket (which deploys the Serve application), then caption over HTTP.
+
+Neither the cluster nor the jobs see AWS_ENDPOINT_URL: each job's --s3-endpoint alone must reach
+every process that touches S3 (the driver reading its s3:// --config, decode tasks, encoder actors
+loading s3:// weights, shard writers, Ray Train workers, Serve replicas loading the s3:// checkpoint,
+bulk read tasks)."""
 
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 import sys
@@ -17,10 +21,12 @@ import pytest
 import requests
 import torch
 import torchvision
+import yaml
 from helpers import REPO, free_port, image, ray_head, submit_job
 
 from raycap.bulk import read_results
 from raycap.data.synthetic import generate
+from raycap.storage import ENDPOINT_ENV
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +38,9 @@ def _upload(client, bucket: str, root: Path, prefix: str) -> None:
 
 
 @pytest.mark.timeout(900)
-def test_jobs_submitted_to_a_cluster_extract_train_caption_a_bucket_then_serve_http(s3_server, tmp_path: Path) -> None:
+def test_jobs_given_only_s3_endpoint_on_a_cluster_extract_train_caption_a_bucket_then_serve_http(
+    s3_server, tmp_path: Path
+) -> None:
     bucket = s3_server.make_bucket()
     client = s3_server.client()
     data = generate(tmp_path / "coco", n_train=24, n_val=8, seed=5)
@@ -44,27 +52,29 @@ def test_jobs_submitted_to_a_cluster_extract_train_caption_a_bucket_then_serve_h
     photos = {f"p{i}.jpg": image(400 + i) for i in range(6)} | {"readme.txt": b"not a photo"}
     for name, body in photos.items():
         client.put_object(Bucket=bucket, Key=f"photos/{name}", Body=body)
-
     s3 = f"s3://{bucket}"
+    extract = {"coco_root": f"{s3}/coco", "out": f"{s3}/features", "min_freq": 1,
+               "encoder": {"arch": "resnet18", "weights": f"{s3}/weights/resnet18.pt", "grid": 3, "image_size": 64}}  # fmt: skip
+    client.put_object(Bucket=bucket, Key="configs/e2e.yaml", Body=yaml.safe_dump({"extract": extract}).encode())
+
     port = free_port()
-    # The cluster gets credentials from its environment (as an instance role gives them on AWS); the
-    # endpoint travels in the runtime env, as a user passes settings to a job.
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    extra = ["--working-dir", ".", "--runtime-env-json", json.dumps({"env_vars": {"AWS_ENDPOINT_URL": s3_server.endpoint_url}})]
+    # The cluster gets credentials from its environment (as an instance role gives them on AWS), and
+    # no endpoint: the jobs name it with --s3-endpoint only.
+    env = {k: v for k, v in os.environ.items() if k not in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", ENDPOINT_ENV)}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    endpoint = ["--s3-endpoint", s3_server.endpoint_url]
     timings: dict[str, float] = {}
     with ray_head(tmp_path / "head.log", env) as address:
 
         def run(stage: str, *entrypoint: str) -> str:
             start = time.monotonic()
-            done = submit_job(address, ["python", *entrypoint], env, REPO, extra=extra)
+            done = submit_job(address, ["python", *entrypoint, *endpoint], env, REPO, extra=["--working-dir", "."])
             timings[stage] = round(time.monotonic() - start, 1)
             output = done.stdout + done.stderr
             assert done.returncode == 0, f"{stage} failed:\n{output[-4000:]}"
             return output
 
-        output = run("extract", "jobs/extract_features.py", "--coco-root", f"{s3}/coco", "--out", f"{s3}/features",
-                     "--arch", "resnet18", "--weights", f"{s3}/weights/resnet18.pt", "--grid", "3",
-                     "--image-size", "64", "--min-freq", "1")  # fmt: skip
+        output = run("extract", "jobs/extract_features.py", "--config", f"{s3}/configs/e2e.yaml")
         assert f"{s3}/features" in output  # every job says where its outputs went
         output = run("train", "jobs/train.py", "--features", f"{s3}/features", "--model", "attention",
                      "--epochs", "2", "--captions-per-step", "40", "--embed-dim", "16", "--decoder-dim", "16",

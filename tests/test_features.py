@@ -32,7 +32,8 @@ from raycap.features import (
     list_image_records,
     prepare_vocab,
 )
-from raycap.models.encoder import Encoder, EncoderConfig, pool_to_grid
+from raycap.models.encoder import Encoder, pool_to_grid
+from raycap.models.encoder_config import EncoderConfig
 
 REPO = Path(__file__).resolve().parents[1]
 N_TRAIN, N_VAL = 16, 8
@@ -144,7 +145,7 @@ def test_decode_batch_gives_reasons_for_bad_files_and_modes_for_converted(
     _write_local(tmp_path, files)
     names = [*files, "bad/missing.jpg"]
     batch = {"image_id": np.arange(len(names)), "key": np.array([str(tmp_path / n) for n in names], dtype=object)}
-    out = decode_batch(batch, image_size=SIZE, max_pixels=10_000_000, endpoint=None)
+    out = decode_batch(batch, image_size=SIZE, max_pixels=10_000_000)
     assert out["image"].shape == (len(names), SIZE, SIZE, 3) and out["image"].dtype == np.uint8
     reasons = dict(zip(names, out["error"]))
     for name, fragment in {**errors, "bad/missing.jpg": "could not read"}.items():
@@ -156,7 +157,7 @@ def test_decode_batch_gives_reasons_for_bad_files_and_modes_for_converted(
 
 def test_feature_encoder_encodes_good_rows_and_zeroes_failed(synthetic: SyntheticSet, encoder: Encoder) -> None:
     keys = [str(p) for p in sorted((synthetic.root / "val2017").glob("*.jpg"))[:3]]
-    batch = decode_batch({"key": np.array(keys, dtype=object)}, SIZE, 10_000_000, None)
+    batch = decode_batch({"key": np.array(keys, dtype=object)}, SIZE, 10_000_000)
     batch["error"][1] = "broken"
     out = FeatureEncoder(FeatureSpec(encoder.cfg))(batch)
     assert "image" not in out and out["features"].shape == (3, NATIVE * NATIVE, 512)
@@ -167,7 +168,7 @@ def test_feature_encoder_encodes_good_rows_and_zeroes_failed(synthetic: Syntheti
 
 def test_feature_encoder_stores_features_pooled_to_a_stored_grid(synthetic: SyntheticSet, encoder: Encoder) -> None:
     keys = [str(p) for p in sorted((synthetic.root / "val2017").glob("*.jpg"))[:2]]
-    batch = decode_batch({"key": np.array(keys, dtype=object)}, SIZE, 10_000_000, None)
+    batch = decode_batch({"key": np.array(keys, dtype=object)}, SIZE, 10_000_000)
     out = FeatureEncoder(FeatureSpec(encoder.cfg, stored_grid=GRID))(batch)
     assert out["features"].shape == (2, GRID * GRID, 512) and out["features"].dtype == np.float16
     expected = pool_to_grid(encoder.encode(batch["image"]), GRID).numpy()  # pooled in float32, then stored

@@ -25,9 +25,18 @@ from raycap import storage
 from raycap.models.beam import Caption, beam_search
 from raycap.models.checkpoint import CaptionModel, load_checkpoint
 from raycap.models.encoder import Encoder
-from raycap.serve import APP_NAME, AppArgs, CaptionOptions, DecoderSettings, EncoderSettings
-from raycap.serve_deploy import deploy, load_config
+from raycap.serve import (
+    AppArgs,
+    CaptionDecoder,
+    CaptionOptions,
+    Captioner,
+    DecoderSettings,
+    EncoderSettings,
+    ImageEncoder,
+)
+from raycap.serve_deploy import _with_endpoint, deploy, load_config
 from raycap.serve_http import TOKEN_ENV
+from raycap.serve_schema import APP_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "serve_config.yaml"
@@ -138,6 +147,25 @@ def test_load_config_overrides_checkpoint_port_and_merges_deployments() -> None:
     assert app.args["max_beam_size"] == 4 and app.args["max_images_per_request"] == 16  # merged, not replaced
     assert [deployments[name].user_config["checkpoint"] for name in ("Encoder", "Decoder")] == ["s3://b/ckpt"] * 2
     assert deployments["Decoder"].num_replicas == 1 and deployments["Decoder"].user_config["max_batch_size"] == 16
+
+
+def test_deploy_hands_the_replicas_this_process_s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(storage.ENDPOINT_ENV, "http://127.0.0.1:9")
+    (app,) = _with_endpoint(load_config(CONFIG, checkpoint="s3://b/ckpt")).applications
+    assert app.runtime_env["env_vars"] == {storage.ENDPOINT_ENV: "http://127.0.0.1:9"}
+    overrides = {"runtime_env": {"env_vars": {storage.ENDPOINT_ENV: "http://file:1", TOKEN_ENV: "t"}}}
+    (app,) = _with_endpoint(load_config(CONFIG, checkpoint="s3://b/ckpt", overrides=overrides)).applications
+    assert app.runtime_env["env_vars"] == {storage.ENDPOINT_ENV: "http://file:1", TOKEN_ENV: "t"}  # the file's wins
+
+
+def test_deployment_options_live_only_in_serve_config() -> None:
+    bare = serve.deployment(Captioner.func_or_class)  # Serve's defaults
+    for deployment in (ImageEncoder, CaptionDecoder, Captioner):
+        assert deployment._deployment_config.user_configured_option_names == {"name"}
+        assert deployment.ray_actor_options == bare.ray_actor_options
+    config = yaml.safe_load(CONFIG.read_text())["applications"][0]["deployments"]
+    assert {d["name"] for d in config} == {"Encoder", "Decoder", "Captioner"}
+    assert all("max_ongoing_requests" in d and "ray_actor_options" in d for d in config)
 
 
 def test_job_help_runs() -> None:

@@ -14,7 +14,7 @@ from raycap.data.vocab import Vocab
 from raycap.evaluate import TrainOverlapError, held_out_label
 from raycap.models.checkpoint import CaptionModel, CheckpointError, load_checkpoint, save_checkpoint
 from raycap.models.decoders import DecoderConfig, build_decoder
-from raycap.models.encoder import EncoderConfig
+from raycap.models.encoder_config import EncoderConfig
 from raycap.train import TrainJobConfig
 
 ENCODER = EncoderConfig("resnet18", "none", grid=3, image_size=64)
@@ -28,7 +28,7 @@ def _checkpoint(directory: Path, data: TrainingData | None) -> Path:
     vocab = Vocab(["a", "cat"], max_words=4)
     cfg = DecoderConfig("gru", embed_dim=8, decoder_dim=8, dropout=0.0)
     decoder = build_decoder(cfg, len(vocab), ENCODER.feature_dim)
-    return save_checkpoint(directory, CaptionModel(decoder, vocab, ENCODER, cfg, data=data))
+    return Path(save_checkpoint(directory, CaptionModel(decoder, vocab, ENCODER, cfg, data=data)))
 
 
 def test_split_references_name_a_split_or_its_even_or_odd_half() -> None:

@@ -20,15 +20,33 @@ def test_is_s3() -> None:
     assert not storage.is_s3("images")
 
 
-def test_s3_endpoint_prefers_argument_then_s3_specific_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(var, raising=False)
-    assert storage.s3_endpoint() is None
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://generic:1")
-    assert storage.s3_endpoint() == "http://generic:1"
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://s3only:2")
-    assert storage.s3_endpoint() == "http://s3only:2"
-    assert storage.s3_endpoint("http://explicit:3") == "http://explicit:3"
+@pytest.fixture
+def no_endpoint(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No S3 endpoint set; what the test sets, set_endpoint included, is undone after it (an empty
+    variable counts as unset, and setenv records the variable for restoring)."""
+    for var in (storage.ENDPOINT_ENV, "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        monkeypatch.setenv(var, "")
+    return monkeypatch
+
+
+def test_endpoint_prefers_the_flag_then_the_s3_specific_env(no_endpoint: pytest.MonkeyPatch) -> None:
+    assert storage.endpoint() is None and storage.worker_env() == {}
+    no_endpoint.setenv("AWS_ENDPOINT_URL", "http://generic:1")
+    assert storage.endpoint() == "http://generic:1"
+    no_endpoint.setenv("AWS_ENDPOINT_URL_S3", "http://s3only:2")
+    assert storage.endpoint() == "http://s3only:2"
+    storage.set_endpoint("http://flag:3")
+    assert storage.endpoint() == "http://flag:3"
+    assert storage.worker_env() == {storage.ENDPOINT_ENV: "http://flag:3"}  # what init_ray hands to workers
+
+
+@pytest.mark.parametrize("var", [storage.ENDPOINT_ENV, "AWS_ENDPOINT_URL"])
+def test_a_malformed_endpoint_is_refused_naming_where_it_came_from(no_endpoint: pytest.MonkeyPatch, var: str) -> None:
+    no_endpoint.setenv(var, "127.0.0.1:9000")
+    with pytest.raises(ValueError, match=f"127.0.0.1:9000.*from {var}.*http://host:port"):
+        storage.filesystem("s3://bucket/key")
+    with pytest.raises(ValueError, match="from --s3-endpoint"):
+        storage.set_endpoint("minio:9000")
 
 
 def test_filesystem_local_gives_absolute_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -38,18 +56,19 @@ def test_filesystem_local_gives_absolute_path(tmp_path: Path, monkeypatch: pytes
     assert path == str(tmp_path / "out" / "a.parquet")
 
 
-def test_filesystem_s3_gives_bucket_key_and_caches_per_endpoint() -> None:
-    fs, path = storage.filesystem("s3://bucket/dir/key.jpg/", endpoint="http://127.0.0.1:1")
+def test_filesystem_s3_gives_bucket_key_and_caches_per_endpoint(no_endpoint: pytest.MonkeyPatch) -> None:
+    storage.set_endpoint("http://127.0.0.1:1")
+    fs, path = storage.filesystem("s3://bucket/dir/key.jpg/")
     assert isinstance(fs, pafs.S3FileSystem)
     assert path == "bucket/dir/key.jpg"
-    assert storage.filesystem("s3://other", endpoint="http://127.0.0.1:1")[0] is fs
-    assert storage.filesystem("s3://bucket", endpoint="http://127.0.0.1:2")[0] is not fs
+    assert storage.filesystem("s3://other")[0] is fs
+    storage.set_endpoint("http://127.0.0.1:2")
+    assert storage.filesystem("s3://bucket")[0] is not fs
 
 
-@pytest.mark.parametrize("uri, endpoint", [("s3://", "http://127.0.0.1:1"), ("s3://b/k", "127.0.0.1:9000")])
-def test_filesystem_rejects_bad_uri_or_endpoint(uri: str, endpoint: str) -> None:
-    with pytest.raises(ValueError):
-        storage.filesystem(uri, endpoint=endpoint)
+def test_filesystem_rejects_a_uri_without_bucket() -> None:
+    with pytest.raises(ValueError, match="names no bucket"):
+        storage.filesystem("s3://")
 
 
 @pytest.mark.parametrize(
@@ -190,13 +209,13 @@ def test_s3_wrong_credentials_raise_permission_error(bucket: str, monkeypatch: p
 
 
 @pytest.mark.integration
-def test_explicit_endpoint_overrides_env(s3_server, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+def test_set_endpoint_overrides_the_aws_env(s3_server, bucket: str, no_endpoint: pytest.MonkeyPatch) -> None:
+    no_endpoint.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    storage.set_endpoint(s3_server.endpoint_url)  # as --s3-endpoint does
     uri = f"s3://{bucket}/k"
-    storage.write_bytes(uri, b"x", endpoint=s3_server.endpoint_url)
-    assert storage.read_bytes(uri, endpoint=s3_server.endpoint_url) == b"x"
-    client = storage.s3_client(s3_server.endpoint_url)
-    assert client.get_object(Bucket=bucket, Key="k")["Body"].read() == b"x"
+    storage.write_bytes(uri, b"x")
+    assert storage.read_bytes(uri) == b"x"
+    assert storage.s3_client().get_object(Bucket=bucket, Key="k")["Body"].read() == b"x"
 
 
 @pytest.mark.integration

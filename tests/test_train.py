@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +20,11 @@ from raycap import feature_store as fstore
 from raycap.config import run_job
 from raycap.data.splits import KARPATHY
 from raycap.data.synthetic import generate
-from raycap.evaluate import TrainOverlapError, evaluate_checkpoint
+from raycap.evaluate import EvaluateConfig, TrainOverlapError, evaluate_checkpoint
 from raycap.features import ExtractConfig, extract_features
 from raycap.models.checkpoint import load_checkpoint, load_optimizer_state
 from raycap.models.decoders import DecoderConfig
-from raycap.models.encoder import EncoderConfig
+from raycap.models.encoder_config import EncoderConfig
 from raycap.recipe import TrainConfig
 from raycap.train import TrainJobConfig, TrainOutcome, plan_run, train
 
@@ -152,14 +153,15 @@ def test_karpathy_run_trains_on_train_restval_selects_on_val_reports_on_test(
     predictions = json.loads((Path(outcome.best_checkpoint) / "predictions.json").read_text())
     assert sorted(p["image_id"] for p in predictions) == sorted(ids["val"])  # selection on val only
 
-    report = evaluate_checkpoint(outcome.best_checkpoint, None, str(tmp_path / "eval"), pictures=1)
+    evaluate = EvaluateConfig(outcome.best_checkpoint, out=str(tmp_path / "eval"), pictures=0)
+    report = evaluate_checkpoint(replace(evaluate, pictures=1))
     assert (report.split, report.label) == ("test", "test (report split)")
     assert sorted(report.predictions) == sorted(ids["test"])
     assert 0 <= report.metrics["bleu4"] <= 1 and len(report.pictures) == 1
-    selection = evaluate_checkpoint(outcome.best_checkpoint, None, str(tmp_path / "eval"), split="val", pictures=0)
+    selection = evaluate_checkpoint(replace(evaluate, split="val"))
     assert selection.label == "val (selection split: optimistic)"
     with pytest.raises(TrainOverlapError, match=f"{len(ids['restval'])} of its {len(ids['restval'])} images"):
-        evaluate_checkpoint(outcome.best_checkpoint, None, str(tmp_path / "eval"), split="restval", pictures=0)
+        evaluate_checkpoint(replace(evaluate, split="restval"))
 
 
 @pytest.mark.skipif(shutil.which("java") is None, reason="--official runs the COCO toolkit's Java programs")
@@ -196,8 +198,8 @@ def test_karpathy_test_images_in_coco_2017_train_make_evaluate_refuse(
     assert line.startswith(f"error: refusing to report on test: {leaked} of its {len(test_ids)} images are among")
     assert "--allow-train-overlap" in line and not (tmp_path / "eval").exists()
     result = evaluate_checkpoint(
-        outcome.best_checkpoint, karpathy_features, str(tmp_path / "eval"), split="test", pictures=0,
-        allow_train_overlap=True,
+        EvaluateConfig(outcome.best_checkpoint, karpathy_features, split="test", out=str(tmp_path / "eval"),
+                       pictures=0, allow_train_overlap=True)
     )  # fmt: skip
     assert result.label == f"test ({leaked} of {len(test_ids)} images trained on: not held out)"
 

@@ -1,14 +1,16 @@
 """Image decoding and resizing shared by extraction, serving and bulk captioning.
 
 Every path an image takes to the encoder goes through `load_image`, so a caption never depends on
-whether the image came from a folder, an S3 bucket or an HTTP upload. Normalisation happens inside
-the encoder (on its device), so what travels between stages is a compact uint8 array.
+whether the image came from a folder, an S3 bucket or an HTTP upload; extraction and bulk load their
+batches of files with `load_images`. Normalisation happens inside the encoder (on its device), so
+what travels between stages is a compact uint8 array.
 """
 
 from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,3 +92,26 @@ def load_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
     """Decode and resize image bytes for the encoder: ((size, size, 3) uint8, decode details)."""
     decoded = decode_image(data, max_pixels=max_pixels, draft_size=size)
     return resize(decoded.image, size), decoded
+
+
+def load_images(
+    keys: Sequence[str], read: Callable[[str], bytes], size: int, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, list[DecodedImage | None], np.ndarray]:
+    """Read (`read(key)` -> bytes), decode and resize each file; an unusable one gets a reason instead
+    of stopping the batch. -> images (B, size, size, 3) uint8 (zeros where unusable), decode details
+    (None where unusable), errors (B,) object: "" if ok, else why (ImageError's message, or the read's)."""
+    n = len(keys)
+    images = np.zeros((n, size, size, 3), np.uint8)  # (B, S, S, 3)
+    decoded: list[DecodedImage | None] = [None] * n
+    # "" rather than None: an all-None object column would lose its string type in Arrow.
+    errors = np.full(n, "", dtype=object)  # (B,)
+    for i, key in enumerate(keys):
+        try:
+            images[i], decoded[i] = load_image(read(key), size, max_pixels)
+        except ImageError as exc:
+            errors[i] = str(exc)
+        except OSError as exc:  # missing file, permissions, network
+            errors[i] = f"could not read: {exc}"
+        except Exception as exc:  # a decoder bug on one odd file must not stop a million-image run
+            errors[i] = f"unexpected {type(exc).__name__} while decoding: {exc}"
+    return images, decoded, errors

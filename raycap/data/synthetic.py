@@ -15,6 +15,7 @@ byte-identical files.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from raycap.config import HelpFormatter
 from raycap.data.coco import coco_files
 from raycap.data.vocab import tokenize
 
@@ -256,11 +258,16 @@ def describes_relation_correctly(caption: str, image: SyntheticImage) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI: write the synthetic set and print where its files went."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    defaults = {name: p.default for name, p in inspect.signature(generate).parameters.items()}
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=HelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--out", required=True, help="output folder (COCO 2017 layout is written inside)")
-    parser.add_argument("--train", type=int, default=400, help="number of train2017 images")
-    parser.add_argument("--val", type=int, default=100, help="number of val2017 images")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical files")
+    parser.add_argument("--train", type=int, default=defaults["n_train"], help="number of train2017 images")
+    parser.add_argument("--val", type=int, default=defaults["n_val"], help="number of val2017 images")
+    parser.add_argument(
+        "--seed", type=int, default=defaults["seed"], help="random seed; the same seed gives identical files"
+    )
     args = parser.parse_args(argv)
     out = generate(args.out, n_train=args.train, n_val=args.val, seed=args.seed)
     print(f"wrote {args.train} train and {args.val} val images under {out.root}")

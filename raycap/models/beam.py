@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from raycap.models.decoders import Decoder
+from raycap.models.decoding import BEAM_SIZE, MAX_DECODE_LEN
 
 
 @dataclass
@@ -48,7 +49,7 @@ def greedy_decode(
     features: torch.Tensor,
     start_id: int,
     end_id: int,
-    max_len: int = 50,
+    max_len: int = MAX_DECODE_LEN,
     banned: Collection[int] = (),
 ) -> list[Caption]:
     """Most likely word at each step, for a batch of images: features (B, P, C). Word ids in
@@ -90,8 +91,8 @@ def beam_search(
     features: torch.Tensor,
     start_id: int,
     end_id: int,
-    beam_size: int = 3,
-    max_len: int = 50,
+    beam_size: int = BEAM_SIZE,
+    max_len: int = MAX_DECODE_LEN,
     length_norm: float = 0.0,
     num_captions: int = 1,
     banned: Collection[int] = (),

@@ -1,18 +1,24 @@
-"""A trained captioner on disk: decoder weights, vocabulary and configs in one directory.
+"""A trained captioner in a folder or under an s3:// prefix: the one reader and writer of checkpoints.
 
-Layout: `model.safetensors` (decoder weights), `vocab.json`, `meta.json` (encoder/decoder/train
-configs, epoch, metrics, and under "data" what it was trained on: feature root, split roles and the
-count and SHA-256 of the id files), `train_ids.npy` and `select_ids.npy` (the image ids of its
-train and selection splits) and, for resuming, `optimizer.pt` (tensors and numbers only). Nothing is
-unpickled: weights go through safetensors, id files through `allow_pickle=False` and the optimizer
-state through `weights_only=True`, so a planted pickle is refused, not run. A file that is missing,
-truncated or malformed (an id file that does not match its digest too) raises `CheckpointError`
-naming it, which lets a resume skip a damaged checkpoint for an older one.
+Layout: `model.safetensors` (decoder weights), `vocab.json`, `meta.json` (format version, encoder/
+decoder/train configs, epoch, metrics, and under "data" what it was trained on: feature root, split
+roles and the count and SHA-256 of the id files), `train_ids.npy` and `select_ids.npy` (the image ids
+of its train and selection splits) and, for resuming, `optimizer.pt` (tensors and numbers only) and
+`train_state.json` (the recipe's counters). meta.json is written last, so a half-written checkpoint
+has none and is not one.
+
+Every stage reads checkpoints through this module, local or `s3://` alike (`raycap.storage`), and
+every read starts with `read_meta`: one parser and one format check. Nothing is unpickled: weights
+go through safetensors, id files through `allow_pickle=False` and the optimizer state through
+`weights_only=True`, so a planted pickle is refused, not run. A file that is missing, truncated or
+malformed (an id file that does not match its digest too) raises `CheckpointError` naming it, which
+lets a resume skip a damaged checkpoint for an older one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import pickle
 import re
@@ -23,14 +29,18 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 
+from raycap import storage
 from raycap.data.splits import TrainingData, ids_digest
 from raycap.data.vocab import Vocab
 from raycap.models.decoders import Decoder, DecoderConfig, build_decoder
-from raycap.models.encoder import EncoderConfig
+from raycap.models.encoder_config import EncoderConfig
 
 FORMAT = "raycap-checkpoint-v1"
+META_FILE, VOCAB_FILE, WEIGHTS_FILE = "meta.json", "vocab.json", "model.safetensors"
+OPTIMIZER_FILE, STATE_FILE = "optimizer.pt", "train_state.json"
 ID_FILES = {"train_ids": "train_ids.npy", "select_ids": "select_ids.npy"}  # TrainingData field -> file
 T = TypeVar("T")
 
@@ -53,13 +63,49 @@ class CaptionModel:
     data: TrainingData | None = None  # None in checkpoints not written by training
 
 
-def save_checkpoint(directory: str | Path, model: CaptionModel, optimizer: torch.optim.Optimizer | None = None) -> Path:
-    """Write `model` (and optionally the optimizer state) into `directory`; returns it."""
-    path = Path(directory)
-    path.mkdir(parents=True, exist_ok=True)
+@dataclass(frozen=True)
+class Meta:
+    """A checkpoint's meta.json, parsed and checked; `data` is its raw "data" entry (None if absent)."""
+
+    encoder: EncoderConfig
+    decoder: DecoderConfig
+    epoch: int
+    metrics: dict[str, float]
+    extra: dict[str, Any]
+    data: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """The recipe's counters that a resumed run goes on from."""
+
+    epoch: int  # the last epoch done
+    lr: float  # after any decay, before warmup
+    best_bleu4: float
+    since_best: int  # epochs since the best BLEU-4
+
+
+@dataclass
+class Resume:
+    """What a training worker resumes from: decoder weights, optimizer state and the recipe's counters."""
+
+    decoder: dict[str, torch.Tensor]
+    optimizer: dict[str, Any] | None
+    state: TrainState
+
+
+def save_checkpoint(
+    checkpoint: str | Path,
+    model: CaptionModel,
+    optimizer: torch.optim.Optimizer | None = None,
+    state: TrainState | None = None,
+) -> str:
+    """Write `model` (and, for resuming, the optimizer state and the recipe's counters) to a folder
+    or s3:// prefix; returns it as an absolute path or URI."""
+    uri = storage.absolute(str(checkpoint))
     weights = {k: v.detach().cpu().contiguous() for k, v in model.decoder.state_dict().items()}
-    save_file(weights, str(path / "model.safetensors"))
-    model.vocab.save(path / "vocab.json")
+    storage.write_bytes(storage.join(uri, WEIGHTS_FILE), save_tensors(weights))
+    storage.write_bytes(storage.join(uri, VOCAB_FILE), model.vocab.to_json().encode("utf-8"))
     meta = {
         "format": FORMAT,
         "encoder": dataclasses.asdict(model.encoder_cfg),
@@ -69,41 +115,76 @@ def save_checkpoint(directory: str | Path, model: CaptionModel, optimizer: torch
         "extra": model.extra,
     }
     if model.data is not None:
-        meta["data"] = _save_data(path, model.data)
-    (path / "meta.json").write_text(json.dumps(meta, indent=2))
+        meta["data"] = _save_data(uri, model.data)
     if optimizer is not None:
-        torch.save(optimizer.state_dict(), path / "optimizer.pt")
-    return path
+        buffer = io.BytesIO()
+        torch.save(optimizer.state_dict(), buffer)
+        storage.write_bytes(storage.join(uri, OPTIMIZER_FILE), buffer.getvalue())
+    if state is not None:
+        storage.write_bytes(storage.join(uri, STATE_FILE), json.dumps(dataclasses.asdict(state)).encode("utf-8"))
+    storage.write_bytes(storage.join(uri, META_FILE), json.dumps(meta, indent=2).encode("utf-8"))
+    return uri
 
 
-def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> CaptionModel:
-    """Load a checkpoint written by `save_checkpoint`; the decoder is in eval mode on `device`."""
-    path = Path(directory)
-    if not (path / "meta.json").is_file():
-        raise CheckpointError(f"{path} is not a raycap checkpoint: meta.json is missing")
-    meta = _read(path / "meta.json", "JSON file", lambda file: json.loads(file.read_text(encoding="utf-8")))
+def read_meta(checkpoint: str | Path) -> Meta:
+    """A checkpoint's meta.json alone (no weights): the one place its format version is checked."""
+    uri = storage.join(str(checkpoint), META_FILE)
+    missing = f"{checkpoint} is not a raycap checkpoint: {META_FILE} is missing"
+    meta = _read(uri, "JSON file", json.loads, missing)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise CheckpointError(f"{path / 'meta.json'}: unknown checkpoint format {found!r}, expected {FORMAT!r}")
-    vocab = _read(path / "vocab.json", "vocabulary", Vocab.load)
+        raise CheckpointError(f"{uri}: unknown checkpoint format {found!r}; this raycap reads {FORMAT!r}")
     try:
-        encoder_cfg = EncoderConfig(**meta["encoder"])
-        decoder_cfg = DecoderConfig(**meta["decoder"])
-        epoch, metrics, extra = meta["epoch"], meta["metrics"], meta["extra"]
+        return Meta(
+            EncoderConfig(**meta["encoder"]), DecoderConfig(**meta["decoder"]),
+            meta["epoch"], meta["metrics"], meta["extra"], meta.get("data"),
+        )  # fmt: skip
     except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path / 'meta.json'} is malformed: {type(exc).__name__}: {exc}") from exc
-    data = _load_data(path, meta["data"]) if "data" in meta else None
-    decoder = build_decoder(decoder_cfg, len(vocab), encoder_cfg.feature_dim, encoder_cfg.grid)
-    weights = _read(path / "model.safetensors", "safetensors file", lambda file: load_file(str(file), device="cpu"))
+        raise CheckpointError(f"{uri} is malformed: {type(exc).__name__}: {exc}") from exc
+
+
+def load_checkpoint(checkpoint: str | Path, device: str | torch.device = "cpu") -> CaptionModel:
+    """Load a checkpoint (folder or s3:// prefix) written by `save_checkpoint`; the decoder is in eval
+    mode on `device`."""
+    uri = str(checkpoint)
+    meta = read_meta(uri)
+    vocab = _read(storage.join(uri, VOCAB_FILE), "vocabulary", lambda data: Vocab.from_json(data.decode("utf-8")))
+    data = _load_data(uri, meta.data) if meta.data is not None else None
+    decoder = build_decoder(meta.decoder, len(vocab), meta.encoder.feature_dim, meta.encoder.grid)
+    weights_uri = storage.join(uri, WEIGHTS_FILE)
+    weights = _read(weights_uri, "safetensors file", load_tensors)
     try:
         decoder.load_state_dict(weights)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path / 'model.safetensors'} does not fit the decoder in meta.json: {exc}") from exc
+        raise CheckpointError(f"{weights_uri} does not fit the decoder in {META_FILE}: {exc}") from exc
     decoder.to(device).eval()
-    return CaptionModel(decoder, vocab, encoder_cfg, decoder_cfg, epoch, metrics, extra, data)
+    return CaptionModel(decoder, vocab, meta.encoder, meta.decoder, meta.epoch, meta.metrics, meta.extra, data)
 
 
-def _save_data(path: Path, data: TrainingData) -> dict[str, Any]:
+def load_optimizer_state(checkpoint: str | Path) -> dict[str, Any] | None:
+    """The optimizer state saved with a checkpoint, or None if it has none; never unpickles objects."""
+    uri = storage.join(str(checkpoint), OPTIMIZER_FILE)
+    if not storage.exists(uri):
+        return None
+    return _read(uri, "weights-only torch file", lambda data: _load_weights_only(uri, data))
+
+
+def load_resume(checkpoint: str | Path) -> Resume:
+    """Everything a resumed training run needs; CheckpointError if any part is missing or damaged."""
+    uri = str(checkpoint)
+    decoder = load_checkpoint(uri).decoder.state_dict()
+    optimizer = load_optimizer_state(uri)
+    state_uri = storage.join(uri, STATE_FILE)
+    counters = _read(state_uri, "JSON file", json.loads)
+    try:
+        state = TrainState(**counters)
+    except TypeError as exc:
+        fields = [f.name for f in dataclasses.fields(TrainState)]
+        raise CheckpointError(f"{state_uri} must hold exactly {fields}, got {counters!r}") from exc
+    return Resume(decoder, optimizer, state)
+
+
+def _save_data(uri: str, data: TrainingData) -> dict[str, Any]:
     """Write the id files; returns meta.json's "data" entry."""
     entry: dict[str, Any] = {
         "features": data.features,
@@ -113,53 +194,56 @@ def _save_data(path: Path, data: TrainingData) -> dict[str, Any]:
     }
     for name, file in ID_FILES.items():
         ids = np.unique(np.asarray(getattr(data, name), dtype=np.int64))  # (N,) sorted
-        np.save(path / file, ids, allow_pickle=False)
+        buffer = io.BytesIO()
+        np.save(buffer, ids, allow_pickle=False)
+        storage.write_bytes(storage.join(uri, file), buffer.getvalue())
         entry[name] = {"file": file, "count": len(ids), "sha256": ids_digest(ids)}
     return entry
 
 
-def _load_data(path: Path, entry: dict[str, Any]) -> TrainingData:
+def _load_data(uri: str, entry: dict[str, Any]) -> TrainingData:
     """meta.json's "data" entry and its id files, each checked against its count and digest."""
     try:
         recorded = {name: (entry[name]["count"], entry[name]["sha256"]) for name in ID_FILES}
         roles = entry["features"], tuple(entry["train_splits"]), entry["select_split"], entry["report_split"]
     except (KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path / 'meta.json'}: malformed \"data\": {type(exc).__name__}: {exc}") from exc
+        meta_uri = storage.join(uri, META_FILE)
+        raise CheckpointError(f'{meta_uri}: malformed "data": {type(exc).__name__}: {exc}') from exc
     ids = {}
     for name, file in ID_FILES.items():
-        ids[name] = _read(path / file, "NumPy id file", lambda f: np.load(f, allow_pickle=False).astype(np.int64))
+        file_uri = storage.join(uri, file)
+        ids[name] = _read(
+            file_uri, "NumPy id file", lambda data: np.load(io.BytesIO(data), allow_pickle=False).astype(np.int64)
+        )  # (N,)
         if (len(ids[name]), ids_digest(ids[name])) != recorded[name]:
-            raise CheckpointError(f"{path / file} does not match the count and SHA-256 recorded in meta.json")
+            raise CheckpointError(f"{file_uri} does not match the count and SHA-256 recorded in {META_FILE}")
     return TrainingData(*roles, **ids)
 
 
-def load_optimizer_state(directory: str | Path) -> dict[str, Any] | None:
-    """The optimizer state saved with a checkpoint, or None if it has none; never unpickles objects."""
-    file = Path(directory) / "optimizer.pt"
-    if not file.is_file():
-        return None
-    return _read(file, "weights-only torch file", _load_tensors)
-
-
-def _load_tensors(file: Path) -> Any:
+def _load_weights_only(uri: str, data: bytes) -> Any:
     """torch.load that refuses pickled objects (they can run code) with a short reason instead of torch's advice."""
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         what = found.group(1) if found else "not a tensor or number"
         raise CheckpointError(
-            f"{file} holds a pickled Python object ({what}): refused, since unpickling it could run code"
+            f"{uri} holds a pickled Python object ({what}): refused, since unpickling it could run code"
         ) from None
 
 
-def _read(file: Path, what: str, load: Callable[[Path], T]) -> T:
-    """`load(file)`, with any failure raised as a CheckpointError that names the file and the reason."""
-    if not file.is_file():
-        raise CheckpointError(f"{file} is missing")
+def _read(uri: str, what: str, parse: Callable[[bytes], T], missing: str | None = None) -> T:
+    """`parse` of the file's bytes, with a missing file (message `missing`) or any parse failure
+    raised as a CheckpointError that names the file and the reason."""
     try:
-        return load(file)
+        data = storage.read_bytes(uri)
+    except FileNotFoundError as exc:
+        reason = missing or f"{uri} is missing"
+        where = f" ({exc})" if storage.is_s3(uri) else ""  # names the endpoint, or a missing bucket
+        raise CheckpointError(reason + where) from None
+    try:
+        return parse(data)
     except CheckpointError:
         raise
     except Exception as exc:  # each reader fails its own way (JSONDecodeError, SafetensorError, UnpicklingError, ...)
-        raise CheckpointError(f"{file} is not a readable {what}: {type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(f"{uri} is not a readable {what}: {type(exc).__name__}: {exc}") from exc

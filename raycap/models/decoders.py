@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raycap.config import flag
 from raycap.models.encoder import pool_to_grid
 
 Memory = tuple[torch.Tensor, ...]  # per-image tensors computed once per caption
@@ -30,11 +31,11 @@ State = tuple[torch.Tensor, ...]  # per-beam recurrent state, batch-first
 class DecoderConfig:
     """Decoder hyper-parameters; defaults are the reference's."""
 
-    kind: str = "attention"  # "attention" or "gru"
-    embed_dim: int = 512
-    decoder_dim: int = 512
-    attention_dim: int = 512
-    dropout: float = 0.5
+    kind: str = flag("--model", "attention", help="decoder to train: attention or gru")
+    embed_dim: int = flag("--embed-dim", 512)
+    decoder_dim: int = flag("--decoder-dim", 512)
+    attention_dim: int = flag("--attention-dim", 512)
+    dropout: float = flag("--dropout", 0.5)
 
     def __post_init__(self) -> None:
         if self.kind not in DECODERS:
@@ -209,21 +210,28 @@ class AttentionDecoder(Decoder):
         features = self.at_grid(features)  # (B, P, C)
         projected = self.attention.encoder_att(features)  # (B, P, A)
         state = _per_caption(self.init_state((features.mean(dim=1),)), captions)  # (B*k, D) each; reads the mean only
-        logits, alphas = [], []
-        for t in range(captions.size(1) - 1):
+        # Only the recurrence runs word by word: embedding and output layer run once over all words,
+        # so their weight gradients are one matmul each rather than one accumulation per word.
+        embedded = self.embedding(captions[:, :-1])  # (B*k, T, E)
+        hidden, alphas = [], []
+        for t in range(embedded.size(1)):
             context, alpha = self.attention(features, projected, state[0])  # (B*k, C), (B*k, P)
-            step_logits, state = self._advance(captions[:, t], state, context)
-            logits.append(step_logits)
+            state = self._recur(embedded[:, t], state, context)
+            hidden.append(state[0])
             alphas.append(alpha)
-        return DecoderOutput(torch.stack(logits, dim=1), torch.stack(alphas, dim=1))  # (B*k,T,V), (B*k,T,P)
+        logits = self.fc(self.dropout(torch.stack(hidden, dim=1)))  # (B*k, T, V)
+        return DecoderOutput(logits, torch.stack(alphas, dim=1))  # ..., (B*k, T, P)
 
     def _advance(self, tokens: torch.Tensor, state: State, context: torch.Tensor) -> tuple[torch.Tensor, State]:
-        """The LSTM over [embedding; gated context]: tokens (N,), context (N, C) -> logits (N, V), state."""
+        """One word: tokens (N,), context (N, C) -> logits (N, V), state."""
+        state = self._recur(self.embedding(tokens), state, context)
+        return self.fc(self.dropout(state[0])), state
+
+    def _recur(self, embedded: torch.Tensor, state: State, context: torch.Tensor) -> State:
+        """The LSTM over [embedding; gated context]: embedded (N, E), context (N, C) -> state, (N, D) each."""
         h, c = state
         gate = torch.sigmoid(self.f_beta(h))  # (N, C)
-        x = torch.cat([self.embedding(tokens), gate * context], dim=1)  # (N, E + C)
-        h, c = self.lstm(x, (h, c))  # (N, D) each
-        return self.fc(self.dropout(h)), (h, c)
+        return self.lstm(torch.cat([embedded, gate * context], dim=1), (h, c))
 
 
 def _per_caption(state: State, captions: torch.Tensor) -> State:

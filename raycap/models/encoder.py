@@ -7,6 +7,7 @@ ImageNet normalisation itself, on its own device: extraction, serving and bulk c
 Features leave the encoder at the trunk's native grid (8x8 for ResNet-101 at 256x256) and are
 stored and sent at that grid; the decoder pools them to `EncoderConfig.grid` (`pool_to_grid`) on
 its own device. Pooling first would only upsample (14x14 from 8x8), adding bytes, not information.
+Which trunk and grid (`EncoderConfig`) is torch-free, in `raycap.models.encoder_config`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,52 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from raycap.data.images import DEFAULT_MAX_PIXELS, DecodedImage, load_image
+from raycap.models.encoder_config import WEIGHTS_HELP, EncoderConfig
 
 # Input normalisation each trunk was trained with, in 0..255 pixel units: torchvision's ResNets use
 # ImageNet statistics; EfficientNet-Lite (TensorFlow edge models) uses mean 127, std 128.
 IMAGENET = ((0.485 * 255, 0.456 * 255, 0.406 * 255), (0.229 * 255, 0.224 * 255, 0.225 * 255))
 NORMALISATION = {"efficientnet_lite0": ((127.0,) * 3, (128.0,) * 3)}
-
-# arch -> channels of the trunk's last feature map
-FEATURE_DIMS = {
-    "resnet18": 512,
-    "resnet34": 512,
-    "resnet50": 2048,
-    "resnet101": 2048,
-    "efficientnet_lite0": 1280,
-}
-OUTPUT_STRIDE = 32  # every trunk above halves its input five times
-# ResNets pad each stride-2 layer for its input, so odd sides round up (ceil(x / 2)); EfficientNet-
-# Lite pads as for 224x224 whatever the size, so they round down.
-ROUNDS_DOWN = {"efficientnet_lite0"}
-WEIGHTS_HELP = "'imagenet', 'none', a local .pt/.pth/.safetensors file, or an s3:// URI to one"
-
-
-@dataclass(frozen=True)
-class EncoderConfig:
-    """Which trunk, which weights, and the feature grid. Defaults are the reference's."""
-
-    arch: str = "resnet101"
-    weights: str = "imagenet"  # see WEIGHTS_HELP
-    grid: int = 14  # the decoder pools features to grid x grid positions
-    image_size: int = 256  # images are resized to image_size x image_size
-
-    def __post_init__(self) -> None:
-        if self.arch not in FEATURE_DIMS:
-            raise ValueError(f"unknown encoder arch {self.arch!r}: choose one of {sorted(FEATURE_DIMS)}")
-        if self.grid < 1 or self.image_size < 32:
-            raise ValueError(f"grid must be >= 1 and image_size >= 32, got {self.grid}, {self.image_size}")
-
-    @property
-    def feature_dim(self) -> int:
-        return FEATURE_DIMS[self.arch]
-
-    @property
-    def native_grid(self) -> int:
-        """Side of the trunk's feature map at image_size: what the encoder outputs."""
-        if self.arch in ROUNDS_DOWN:
-            return self.image_size // OUTPUT_STRIDE
-        return -(-self.image_size // OUTPUT_STRIDE)
 
 
 def pool_to_grid(features: torch.Tensor, grid: int) -> torch.Tensor:

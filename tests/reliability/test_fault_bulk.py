@@ -5,6 +5,7 @@ keep failing is an error row that says so, never a silent gap."""
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import random
 import signal
@@ -154,19 +155,27 @@ def test_failing_s3_reads_are_retried_and_a_key_that_keeps_failing_becomes_an_er
                                                  "faults": faults, "seen": Counter()})  # fmt: skip
     proxy = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    out = tmp_path / "out"
+    # A job joining the session's Ray, whose workers were started with AWS_ENDPOINT_URL naming the
+    # real server: only --s3-endpoint, handed on by init_ray, sends their reads through the proxy.
+    command = [sys.executable, str(REPO / "jobs/caption_bucket.py"), "--source", f"s3://{bucket}/photos",
+               "--out", str(out), "--clients", "1", "--in-flight", "4", "--retries", "3",
+               "--s3-endpoint", f"http://127.0.0.1:{proxy.server_address[1]}"]  # fmt: skip
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     try:
-        cfg = BulkConfig(source=f"s3://{bucket}/photos", out=str(tmp_path / "out"), clients=1, in_flight=4,
-                         retries=3, s3_endpoint=f"http://127.0.0.1:{proxy.server_address[1]}")  # fmt: skip
-        summary = caption_bucket(cfg)
+        job = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     finally:
         proxy.shutdown()
-    results = read_results(cfg.out)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    results = read_results(str(out))
     prefix = f"s3://{bucket}/photos"
     _assert_exactly_once(results, {f"{prefix}/{name}" for name in files})
     rows = {r["key"].rsplit("/", 1)[-1]: r for r in results.to_pylist()}
     assert rows["f01.jpg"]["status"] == "ok" and rows["f02.jpg"]["status"] == "ok"
-    assert rows["f03.jpg"]["status"] == "error" and "could not read after 4 attempts" in rows["f03.jpg"]["error"]
+    assert rows["f03.jpg"]["status"] == "error" and "could not read: " in rows["f03.jpg"]["error"]
+    assert rows["f03.jpg"]["error"].endswith("(after 4 attempts)")
     assert all(rows[n]["status"] == "ok" for n in files if n not in faults)
     assert handler.seen["f01.jpg"] > 4 and handler.seen["f03.jpg"] >= 4  # retried, then given up
-    assert (summary.total_ok, summary.total_failed) == (9, 1)
+    assert (summary["total_ok"], summary["total_failed"]) == (9, 1)
     print(f"requests to the failing objects: {dict(handler.seen)}")

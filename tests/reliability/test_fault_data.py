@@ -16,7 +16,7 @@ from raycap import feature_store as fstore
 from raycap.data.synthetic import SyntheticSet, generate
 from raycap.features import ExtractConfig, ExtractResult, extract_features
 from raycap.models.decoders import DecoderConfig
-from raycap.models.encoder import EncoderConfig
+from raycap.models.encoder_config import EncoderConfig
 from raycap.recipe import TrainConfig
 from raycap.train import TrainJobConfig, train
 

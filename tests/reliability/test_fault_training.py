@@ -27,18 +27,19 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from raycap import storage
 from raycap.data.vocab import Vocab
 from raycap.models.checkpoint import (
+    STATE_FILE,
     CaptionModel,
     CheckpointError,
+    TrainState,
     load_checkpoint,
     load_optimizer_state,
     save_checkpoint,
 )
 from raycap.models.decoders import DecoderConfig, build_decoder
-from raycap.models.encoder import EncoderConfig
+from raycap.models.encoder_config import EncoderConfig
 from raycap.recipe import TrainConfig
 from raycap.train import (
     SCALARS,
-    STATE_FILE,
     TENSORBOARD_DIR,
     TrainJobConfig,
     TrainOutcome,
@@ -278,7 +279,7 @@ def test_resume_skips_damaged_checkpoints_for_the_newest_that_loads(
     load_checkpoint(outcome.best_checkpoint)
 
 
-def _tiny_checkpoint(directory: Path) -> Path:
+def _tiny_checkpoint(directory: Path, state: TrainState | None = None) -> Path:
     vocab = Vocab(["a", "cat"], max_words=4)
     decoder_cfg = DecoderConfig("gru", embed_dim=8, decoder_dim=8, dropout=0.0)
     decoder = build_decoder(decoder_cfg, len(vocab), ENCODER.feature_dim)
@@ -286,7 +287,7 @@ def _tiny_checkpoint(directory: Path) -> Path:
     features = torch.zeros(1, ENCODER.grid**2, ENCODER.feature_dim)  # (B, P, C)
     decoder(features, torch.ones(1, 3, dtype=torch.long))[0].sum().backward()
     optimizer.step()
-    return save_checkpoint(directory, CaptionModel(decoder, vocab, ENCODER, decoder_cfg), optimizer)
+    return Path(save_checkpoint(directory, CaptionModel(decoder, vocab, ENCODER, decoder_cfg), optimizer, state))
 
 
 @pytest.mark.timeout(60)
@@ -325,9 +326,8 @@ def _run_of_checkpoints(run_dir: Path, epochs: int) -> list[ray.train.Checkpoint
     """A run folder as Ray Train lays it out: time-named checkpoints, each with the resume state."""
     checkpoints = []
     for epoch in range(epochs):
-        directory = _tiny_checkpoint(run_dir / f"checkpoint_2026-01-01_00-00-{epoch:02d}.000000")
-        state = {"epoch": epoch, "lr": 1e-3, "best_bleu4": 0.1, "since_best": 0}
-        (directory / STATE_FILE).write_text(json.dumps(state))
+        state = TrainState(epoch, lr=1e-3, best_bleu4=0.1, since_best=0)
+        directory = _tiny_checkpoint(run_dir / f"checkpoint_2026-01-01_00-00-{epoch:02d}.000000", state)
         checkpoints.append(ray.train.Checkpoint(str(directory)))
     return checkpoints
 
@@ -337,12 +337,12 @@ def test_restore_falls_back_past_damaged_checkpoints_with_warnings(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     *older, latest, _ = _run_of_checkpoints(tmp_path / "run", 5)  # the last one: written after, never registered
-    assert restore(latest).state["epoch"] == 3
+    assert restore(latest).state.epoch == 3
     (Path(latest.path) / "model.safetensors").write_bytes(b"\x00" * 8)
     (Path(older[-1].path) / STATE_FILE).write_text("{")
     with caplog.at_level(logging.WARNING, logger="raycap.train"):
         restored = restore(latest)
-    assert restored.state["epoch"] == 1
+    assert restored.state.epoch == 1
     expected = load_checkpoint(older[1].path).decoder.state_dict()
     assert all(torch.equal(restored.decoder[k], v) for k, v in expected.items())
     messages = [record.getMessage() for record in caplog.records]
