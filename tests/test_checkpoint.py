@@ -31,7 +31,7 @@ from raycap.models.checkpoint import (
 )
 from raycap.models.decoders import DecoderConfig, build_decoder
 from raycap.models.encoder_config import EncoderConfig
-from raycap.serve import CaptionDecoder, ImageEncoder
+from raycap.serve import CaptionDecoder, ImageEncoder, load_model
 
 if TYPE_CHECKING:
     from conftest import S3Server
@@ -71,7 +71,8 @@ READERS: dict[str, Callable[[str], object]] = {
     "read_meta": read_meta,
     "training's resume": load_resume,
     "Serve Encoder replicas": lambda uri: _replica(ImageEncoder, uri),
-    "Serve Decoder replicas": lambda uri: _replica(CaptionDecoder, uri),
+    # The Decoder's multiplexed loader runs only inside a replica; this is what it calls.
+    "Serve Decoder replicas' model loader": lambda uri: load_model(uri, "model"),
 }
 # Stages that go on to other work (features, Ray) once the checkpoint reads: only their refusal is tested.
 REFUSERS: dict[str, Callable[[str], object]] = {
@@ -80,6 +81,7 @@ REFUSERS: dict[str, Callable[[str], object]] = {
         EvaluateConfig(uri, str(Path(uri).parent / "features"), out=str(Path(uri).parent / "out"))
     ),
     "jobs/serve.py pre-flight": lambda uri: job_module("serve").main(["--checkpoint", uri]),
+    "Serve Decoder replicas' reconfigure": lambda uri: _replica(CaptionDecoder, uri),
 }
 
 
