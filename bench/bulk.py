@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "deployments": {"Encoder": PINNED, "Decoder": {**PINNED, "user_config": {"max_decode_len": args.max_len}}},
         "logging_config": {"enable_access_log": False},
     }
-    config = load_config(args.config, checkpoint=checkpoint, port=serve_bench._free_port(), overrides=overrides)
+    config = load_config(args.config, checkpoint=checkpoint, port=serve_bench.free_port(), overrides=overrides)
     url = deploy(config) + "/caption"
     images = serve_bench.photos(8)
 
