@@ -219,12 +219,12 @@ def serve_rps(
     reconfigure, two rounds in alternating order."""
     import ray
     from ray import serve
-    from serve import REPO, _free_port, closed_loop, photos
+    from serve import REPO, closed_loop, free_port, photos
 
     from raycap.serve_deploy import deploy, load_config
 
     ray.init(include_dashboard=False)
-    port = _free_port()
+    port = free_port()
 
     def config(cpu_bfloat16: bool):  # noqa: ANN202
         pinned = {"num_replicas": 1, "autoscaling_config": None}
