@@ -17,10 +17,11 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
@@ -174,3 +175,31 @@ def submit_job(address: str, entrypoint: list[str], env: dict[str, str], cwd: Pa
         if done.returncode == 0 or "No available agent" not in done.stderr or time.time() > deadline:
             return done
         time.sleep(3)
+
+
+def swap_under_load(
+    requests: Sequence[Callable[[], object]], swap: Callable[[], object], swapped: Callable[[], bool], what: str
+) -> None:
+    """Send each of `requests` in a loop, one at a time on its own thread (a bounded load), while
+    `swap()` is applied and until `swapped()` holds (at most 120 s; else fail saying the Decoder
+    never did `what`), then 2 s more, so the load runs across the switch."""
+    stop = threading.Event()
+
+    def loop(request: Callable[[], object]) -> None:
+        while not stop.is_set():
+            request()
+
+    threads = [threading.Thread(target=loop, args=(request,)) for request in requests]
+    for thread in threads:
+        thread.start()
+    try:
+        swap()
+        deadline = time.monotonic() + 120
+        while not swapped():
+            assert time.monotonic() < deadline, f"the Decoder never {what}"
+            time.sleep(0.5)
+        time.sleep(2)  # keep the load on across the switch
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()

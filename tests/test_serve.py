@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +15,7 @@ import pytest
 import requests
 import torch
 import yaml
-from helpers import free_port, image, make_checkpoint, png_header
+from helpers import free_port, image, make_checkpoint, png_header, swap_under_load
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
@@ -325,29 +323,19 @@ def test_reconfigure_swaps_to_an_s3_checkpoint_without_dropping_requests(
     photo, port = image(6), int(service.rsplit(":", 1)[1])
     statuses: list[int] = []
     seen: set[str] = set()
-    stop = threading.Event()
 
-    def load() -> None:
-        while not stop.is_set():
-            response = _post(service, "/caption", photo)
-            statuses.append(response.status_code)
-            if response.ok:
-                seen.add(response.json()["model"])
+    def request() -> None:
+        response = _post(service, "/caption", photo)
+        statuses.append(response.status_code)
+        if response.ok:
+            seen.add(response.json()["model"])
 
-    threads = [threading.Thread(target=load) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    try:
-        deploy(_config(models["second"].checkpoint, port))
-        deadline = time.monotonic() + 120
-        while requests.get(f"{service}/model", headers=AUTH, timeout=30).json()["model"] != "second":
-            assert time.monotonic() < deadline, "the Decoder never loaded the new checkpoint"
-            time.sleep(0.5)
-        time.sleep(2)  # keep the load on across the switch
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join()
+    swap_under_load(
+        [request] * 3,
+        lambda: deploy(_config(models["second"].checkpoint, port)),
+        lambda: requests.get(f"{service}/model", headers=AUTH, timeout=30).json()["model"] == "second",
+        "loaded the new checkpoint",
+    )
     assert statuses and set(statuses) == {200}, f"{len(statuses)} requests: {sorted(set(statuses))}"
     assert "second" in seen
     body = _post(service, "/caption", photo, params={"attention": "true"}).json()

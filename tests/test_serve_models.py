@@ -5,14 +5,13 @@ model's checkpoint under load drops nothing; models on different trunks are refu
 
 from __future__ import annotations
 
-import threading
-import time
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
-from helpers import PINNED, SERVE_CONFIG, free_port, image, job_module, make_checkpoint
+from helpers import PINNED, SERVE_CONFIG, free_port, image, job_module, make_checkpoint, swap_under_load
 from ray import serve
 
 from raycap.bulk import BulkConfig, caption_bucket, read_results
@@ -159,29 +158,19 @@ def test_swapping_one_models_checkpoint_under_load_drops_nothing(
     old = _caption(service, PHOTOS[1], model="beta").json()["caption"]
     statuses: list[int] = []
     answered: list[tuple[str, str]] = []  # (model, caption) of PHOTOS[1]
-    stop = threading.Event()
 
-    def load(model: str) -> None:  # one request at a time per thread: a bounded load
-        while not stop.is_set():
-            response = _caption(service, PHOTOS[1], model=model)
-            statuses.append(response.status_code)
-            if response.ok:
-                answered.append((model, response.json()["caption"]))
+    def request(model: str) -> None:
+        response = _caption(service, PHOTOS[1], model=model)
+        statuses.append(response.status_code)
+        if response.ok:
+            answered.append((model, response.json()["caption"]))
 
-    threads = [threading.Thread(target=load, args=(m,)) for m in ("alpha", "beta", "beta")]
-    for thread in threads:
-        thread.start()
-    try:
-        _deploy({"alpha": checkpoints["alpha"], "beta": checkpoints["beta2"]}, port)
-        deadline = time.monotonic() + 120
-        while _info(service, "beta")["checkpoint"] != checkpoints["beta2"]:
-            assert time.monotonic() < deadline, "the Decoder never swapped beta's checkpoint"
-            time.sleep(0.5)
-        time.sleep(2)  # keep the load on across the switch
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join()
+    swap_under_load(
+        [functools.partial(request, m) for m in ("alpha", "beta", "beta")],
+        lambda: _deploy({"alpha": checkpoints["alpha"], "beta": checkpoints["beta2"]}, port),
+        lambda: _info(service, "beta")["checkpoint"] == checkpoints["beta2"],
+        "swapped beta's checkpoint",
+    )
     assert statuses and set(statuses) == {200}, f"{len(statuses)} requests: {sorted(set(statuses))}"
     new = _caption(service, PHOTOS[1], model="beta").json()
     assert new["model"] == "beta" and new["caption"] != old
