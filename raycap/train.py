@@ -62,7 +62,6 @@ from raycap.models.checkpoint import (
     CheckpointError,
     Resume,
     TrainState,
-    load_checkpoint,
     load_resume,
     save_checkpoint,
 )
@@ -468,11 +467,14 @@ def train(cfg: TrainJobConfig) -> TrainOutcome:
 def best_loadable(
     checkpoints: list[tuple[ray.train.Checkpoint, dict[str, Any]]],
 ) -> tuple[ray.train.Checkpoint | None, dict[str, Any]]:
-    """The checkpoint with the highest BLEU-4 that loads, and its metrics; damaged ones are skipped with a warning."""
+    """The checkpoint with the highest BLEU-4 whose every file loads, and its metrics.
+
+    Damaged ones (any file, the optimizer state included: a tampered file is damage too) are skipped with a warning.
+    """
     for checkpoint, metrics in sorted(checkpoints, key=lambda pair: pair[1].get("bleu4", -math.inf), reverse=True):
         try:
             with checkpoint.as_directory() as directory:
-                load_checkpoint(directory)
+                load_resume(directory)
         except CheckpointError as exc:
             logger.warning("[raycap] best checkpoint candidate %s does not load, skipped: %s", checkpoint.path, exc)
             continue
