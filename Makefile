@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= demo_out
 
-.PHONY: test demo install browser clean
+.PHONY: test test-slow demo install browser clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,12 @@ browser:
 
 test: install browser
 	$(BIN)/python -m pytest -q
+
+# The tests marked slow, which `make test` leaves out: the multi-node tests (a 3-node Ray cluster on
+# this machine loses a worker node in each stage; they start their own Ray, so they run first, before
+# any other test starts one), the cluster end-to-end test and the GPU check's CPU run.
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
 
 demo: install
 	$(BIN)/python jobs/demo.py --out $(DEMO_DIR)

@@ -6,9 +6,10 @@ r"""Caption every image under a folder or s3:// prefix through the Ray Serve dep
     python jobs/caption_bucket.py --source s3://bucket/photos --out s3://bucket/captions --dry-run
 
 Writes <out>/results/part-*.parquet (or .jsonl): one row per file with key, caption, score, model,
-status and error; and <out>/summary.json. --model picks one of the application's models (GET
-/models; default: its default model). Rerunning with the same --out captions only the files
-that have no row yet. Uses the running Serve application (deploying --checkpoint with
+status and error; <out>/summary.json; and <out>/progress.json, the committed part of the
+listing. --model picks one of the application's models (GET /models; default: its default model).
+Rerunning with the same --out, --source, --include and --exclude resumes after that part: no file
+is captioned twice. Uses the running Serve application (deploying --checkpoint with
 --serve-config when none runs) on the Ray cluster at RAY_ADDRESS, else a local Ray, and its request
 limits (max_beam_size, max_image_bytes, max_pixels: the `args:` of the Serve config). --config reads
 the file's `bulk:` section (keys: the fields of raycap.bulk.BulkConfig); flags override it.

@@ -1,10 +1,12 @@
 """Score a trained checkpoint on a split of extracted features.
 
-    python jobs/evaluate.py --checkpoint ~/raycap_runs/raycap-attention/checkpoint_...
+    python jobs/evaluate.py --checkpoint ~/raycap_runs/raycap-attention          # the run: its best checkpoint
     python jobs/evaluate.py --checkpoint s3://bucket/runs/raycap-attention/checkpoint_... --out s3://bucket/eval
     python jobs/evaluate.py --config configs/coco.yaml --split val:even --official
-    python jobs/evaluate.py --checkpoint RUNS/raycap-attention/checkpoint_... --compare RUNS/raycap-gru/checkpoint_...
+    python jobs/evaluate.py --checkpoint RUNS/raycap-attention/latest --compare RUNS/raycap-gru
 
+--checkpoint (and --compare) take a checkpoint folder, or a training run's folder (its best checkpoint
+by the selection split's BLEU-4), <run>/best or <run>/latest; the job says which checkpoint it picked.
 By default it scores the checkpoint's report split on the features it was trained from (both
 recorded in the checkpoint). Features made by another encoder than the checkpoint's are refused. A
 split that holds images the checkpoint was trained on is refused (--allow-train-overlap scores it

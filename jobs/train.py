@@ -7,7 +7,9 @@
 A step is --captions-per-step captions, all workers together (the reference: 32 at lr 4e-4);
 --lr-rule linear scales the lr for other step sizes, with warmup. At start the job prints its plan
 (images, captions, steps per epoch, lr); --plan prints it from the features and exits, without Ray.
-Rerunning with the same --run-name (default raycap-<model>) resumes from the latest checkpoint.
+Each run is new: a --run-name in use (default raycap-<model>) moves on to <name>-2, ...; --resume
+continues the named run from its latest checkpoint instead. The run folder (or <run>/best,
+<run>/latest) is what jobs/evaluate.py, serve.py and caption_bucket.py take as --checkpoint.
 --config reads the file's `train:` section (keys: raycap.train.TrainJobConfig's fields, with
 `decoder:` and `train:` nested; `decoder.kind` may be `both`); flags override it.
 """

@@ -1,7 +1,8 @@
 """Bulk captioning: every file under a folder or s3:// prefix -> one result row per file.
 
-    list (driver) -> read + decode + resize (Ray Data CPU tasks) -> caption (an actor pool of light
-    clients calling the Serve Encoder and Decoder through handles) -> result shards (driver)
+    list pages, cut into chunks (driver) -> read + decode + resize (Ray Data CPU tasks) -> caption
+    (an actor pool of light clients calling the Serve Encoder and Decoder through handles) ->
+    one result shard per chunk, committed in listing order (driver)
 
 The images go through the same Serve deployments as online traffic, so bulk load drives their
 autoscaling; each client keeps `in_flight` requests outstanding so the deployments' dynamic
@@ -10,9 +11,17 @@ Encoder gets pixels (`encode_pixels`), so a caption is the same as over HTTP. Th
 request limits (its `args:` in serve_config.yaml: max_beam_size, max_image_bytes, max_pixels) hold
 here as over HTTP.
 
-Exactly once: the driver commits rows in shards (`results/part-<run>-<n>.<fmt>`), each written
-atomically, and never writes a key twice in a run; a rerun first reads the keys of every committed
-shard and captions only the rest. A crash loses only uncommitted rows, which the rerun redoes.
+Bounded memory: the listing streams (S3 ListObjectsV2 pages, or a sorted walk of a folder) and is
+cut into chunks of `rows_per_shard` consecutive matching files; the driver holds about two windows
+of `window` files (one captioned by a Ray Data pass, the next being listed), never the whole key set.
+
+Exactly once: a chunk is committed once all its rows are in, in listing order: its rows as one
+shard (`results/part-<run>-<n>.<fmt>`, written atomically), then `progress.json` with the
+watermark (the last listed URI of the committed prefix) and the prefix's counts. A rerun reads only
+that record and lists after the watermark (S3's StartAfter), so it never reads the done keys. A
+kill between the two writes leaves one shard the record does not cover yet (the `next_shard` it
+names): the rerun reads that shard's rows (one chunk) and counts them instead of captioning its
+files again. A crash loses only the rows of uncommitted chunks, which the rerun redoes.
 A file that cannot be captioned (not an image, corrupt, too large, unreadable after retries)
 becomes a row with status "error" and its reason; the job never stops on one.
 """
@@ -25,7 +34,9 @@ import json
 import secrets
 import time
 import typing
-from collections.abc import Iterator, Sequence
+from collections import Counter, defaultdict
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
@@ -36,7 +47,7 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from raycap import storage
-from raycap.config import file_only, flag
+from raycap.config import check_bounds, file_only, flag
 from raycap.data.images import ImageError, load_images
 from raycap.models.decoding import BEAM_SIZE
 from raycap.runtime import init_ray
@@ -44,6 +55,7 @@ from raycap.serve_schema import APP_NAME, SERVE_CONFIG
 
 RESULTS_DIR = "results"
 SUMMARY_FILE = "summary.json"
+PROGRESS_FILE = "progress.json"
 Format = Literal["parquet", "jsonl"]
 FORMATS: tuple[str, ...] = typing.get_args(Format)
 RESULT_SCHEMA = pa.schema(
@@ -58,6 +70,7 @@ RESULT_SCHEMA = pa.schema(
 )
 
 Batch = dict[str, np.ndarray]
+Pages = Iterable[Sequence[storage.FileInfo]]  # a listing, page by page, in listing order
 
 
 @dataclass(frozen=True)
@@ -69,7 +82,8 @@ class BulkConfig:
     )
     out: str = flag("--out", help="folder or s3://bucket/prefix for results/ and summary.json")
     checkpoint: str | None = flag(
-        "--checkpoint", None, help="deploy the Serve application with this checkpoint if it is not running"
+        "--checkpoint", None,
+        help="deploy the Serve application with this checkpoint (or a run folder: its best) if it is not running",
     )
     model: str | None = flag(
         "--model", None, help="the served model to caption with (GET /models); default: the application's default"
@@ -82,29 +96,29 @@ class BulkConfig:
         "--include", (), action="append", help="glob on keys relative to --source (repeatable); none: every file"
     )
     exclude: tuple[str, ...] = flag("--exclude", (), action="append", help="glob to leave out (repeatable)")
-    limit: int | None = flag("--limit", None, help="caption at most this many new files")
+    limit: int | None = flag("--limit", None, at_least=1, help="caption at most this many new files")
     dry_run: bool = flag("--dry-run", False, help="only count what would be captioned")
-    beam_size: int = flag("--beam-size", BEAM_SIZE, help="at most the Serve application's max_beam_size")
-    read_batch_size: int = flag("--read-batch-size", 16, help="files per read task")
+    beam_size: int = flag("--beam-size", BEAM_SIZE, at_least=1, help="at most the Serve application's max_beam_size")
+    read_batch_size: int = flag("--read-batch-size", 16, at_least=1, help="files per read task")
     read_cpus: float = file_only(0.5)  # CPU slots per read task
-    clients: int = flag("--clients", 2, help="caption client actors")
+    clients: int = flag("--clients", 2, at_least=1, help="caption client actors")
     client_cpus: float = file_only(0.1)  # they only wait on handles
     in_flight: int = flag(
-        "--in-flight", 32, help="requests each client keeps outstanding (its batch size)"
+        "--in-flight", 32, at_least=1, help="requests each client keeps outstanding (its batch size)"
     )
-    retries: int = flag("--retries", 3, help="extra attempts for failed reads and requests")
+    retries: int = flag("--retries", 3, at_least=0, help="extra attempts for failed reads and requests")
     request_timeout_s: float = file_only(300.0)
-    rows_per_shard: int = flag("--rows-per-shard", 1000, help="rows per committed result shard")
-    commit_every_s: float = file_only(60.0)  # commit a smaller shard after this long, so a crash loses little
+    rows_per_shard: int = flag(
+        "--rows-per-shard", 1000, at_least=1, help="files per chunk: consecutive files committed as one result shard"
+    )
+    window: int = file_only(50_000)  # files to caption per Ray Data pass; the driver holds about two windows
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         if self.format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
-        sizes = (self.read_batch_size, self.clients, self.in_flight, self.rows_per_shard, self.beam_size)
-        if min(sizes) < 1:
-            raise ValueError("read_batch_size, clients, in_flight, rows_per_shard and beam_size must be >= 1")
-        if self.limit is not None and self.limit < 0:
-            raise ValueError(f"limit must be >= 0, got {self.limit}")
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
 
 
 @dataclass(frozen=True)
@@ -124,22 +138,21 @@ class BulkSummary:
 
     source: str
     out: str
-    listed: int  # files under source
-    matched: int  # after include/exclude
-    already_done: int  # matched files with a committed row before this run
-    todo: int  # files this run set out to caption (after --limit)
+    listed: int = 0  # files under source
+    matched: int = 0  # after include/exclude
+    already_done: int = 0  # matched files with a committed row before this run
+    todo: int = 0  # files this run set out to caption (after --limit)
     new_ok: int = 0
     new_failed: int = 0
     total_ok: int = 0
     total_failed: int = 0
     pending: int = 0  # matched files still without a row
-    duplicates: int = 0  # keys with more than one committed row (only if runs overlapped)
     elapsed_s: float = 0.0
     images_per_s: float = 0.0  # this run's rows / elapsed
     model: str | None = None
     checkpoint: str | None = None
     dry_run: bool = False
-    shards: list[str] = field(default_factory=list)  # committed by this run
+    shards: int = 0  # committed by this run
 
 
 # --- listing and resume ------------------------------------------------------------------------
@@ -155,16 +168,158 @@ def select(relative_keys: Sequence[str], include: Sequence[str], exclude: Sequen
     ]
 
 
-def list_sources(cfg: BulkConfig) -> tuple[int, list[storage.FileInfo]]:
-    """(files listed, files that pass the filters). Files under `out` are left out when `out` lies
-    inside `source`, so results are never captioned."""
-    if not storage.exists(cfg.source):
-        raise FileNotFoundError(f"source {cfg.source} does not exist (or holds no file yet)")
-    files = storage.list_files(cfg.source)
-    out = storage.absolute(cfg.out).rstrip("/") + "/"  # spelt as list_files spells URIs
-    inside = [f for f in files if not f.uri.startswith(out)]
-    relative = storage.relative_keys(cfg.source, [f.uri for f in inside])
-    return len(files), [f for f, keep in zip(inside, select(relative, cfg.include, cfg.exclude)) if keep]
+@dataclass
+class Chunk:
+    """Consecutive files of the listing, committed together: the rows of its matching files as one
+    shard, then the watermark moved to `last`."""
+
+    last: str = ""  # the URI of its last listed file
+    listed: int = 0  # files listed in it, matching or not
+    todo: list[storage.FileInfo] = field(default_factory=list)  # matching files to caption
+    adopted: list[str] = field(default_factory=list)  # matching files with a row in an uncounted shard
+
+
+class Planner:
+    """Cuts a listing (pages of files in listing order) into chunks of up to `rows_per_shard`
+    matching files, and those into windows of about `window` files to caption, counting as it goes.
+    It holds one chunk and one window at a time, whatever the listing's length. Files under `out`
+    (when it lies inside `source`) never match, so results are never captioned."""
+
+    def __init__(self, cfg: BulkConfig, adopted: Container[str] = frozenset()) -> None:
+        self.cfg, self.adopted = cfg, adopted
+        self.listed = self.matched = self.todo = 0  # over this listing
+        self._source = cfg.source.rstrip("/") + "/"  # filters see keys relative to it
+        self._out = cfg.out.rstrip("/") + "/"  # spelt as storage.list_pages spells URIs
+
+    def chunks(self, pages: Pages) -> Iterator[Chunk]:
+        """Chunks of the listing up to --limit's last file; the files after it are only counted."""
+        cfg, chunk = self.cfg, Chunk()
+        limit = cfg.limit if cfg.limit is not None else -1
+        filtered = bool(cfg.include or cfg.exclude)
+        for page in pages:
+            keep = select([f.uri[len(self._source) :] for f in page], cfg.include, cfg.exclude) if filtered else None
+            for i, file in enumerate(page):
+                self.listed += 1
+                matches = (keep is None or keep[i]) and not file.uri.startswith(self._out)
+                self.matched += matches
+                if self.todo == limit:
+                    continue
+                chunk.listed += 1
+                chunk.last = file.uri
+                if not matches:
+                    continue
+                if file.uri in self.adopted:
+                    chunk.adopted.append(file.uri)
+                else:
+                    chunk.todo.append(file)
+                    self.todo += 1
+                if len(chunk.todo) + len(chunk.adopted) == cfg.rows_per_shard or self.todo == limit:
+                    yield chunk
+                    chunk = Chunk()
+        if chunk.listed:
+            yield chunk
+
+    def windows(self, pages: Pages) -> Iterator[list[Chunk]]:
+        """Consecutive chunks holding at least `window` files to caption, the last one fewer."""
+        window: list[Chunk] = []
+        size = 0
+        for chunk in self.chunks(pages):
+            window.append(chunk)
+            size += len(chunk.todo)
+            if size >= self.cfg.window:
+                yield window
+                window, size = [], 0
+        if window:
+            yield window
+
+
+@dataclass
+class Progress:
+    """`out`'s record of what is committed, rewritten whole after each chunk: the committed prefix of
+    the listing (every file up to `watermark`) and its counts, and the shards that may hold rows of
+    files after it."""
+
+    source: str
+    include: list[str]
+    exclude: list[str]
+    watermark: str | None = None  # the URI of the prefix's last file; None: nothing committed yet
+    listed: int = 0  # files in the prefix
+    matched: int = 0  # of those, files that pass the filters: each has one row
+    ok: int = 0
+    failed: int = 0
+    shards: int = 0  # committed shards
+    next_shard: str | None = None  # the shard the running run writes next (a name under results/)
+    orphans: list[str] = field(default_factory=list)  # shards of killed runs with rows after the watermark
+
+    def advance(self, chunk: Chunk, ok: int, failed: int) -> None:
+        """Move the watermark past `chunk`, whose rows are committed (`ok` + `failed` of them)."""
+        self.watermark = chunk.last
+        self.listed += chunk.listed
+        self.matched += len(chunk.todo) + len(chunk.adopted)
+        self.ok += ok
+        self.failed += failed
+
+
+def load_progress(cfg: BulkConfig) -> Progress:
+    """`cfg.out`'s progress record, or a fresh one. Raises ValueError when `out` holds the results
+    of another source or other filters, or results without a record (written before records were)."""
+    uri = storage.join(cfg.out, PROGRESS_FILE)
+    fresh = Progress(cfg.source, list(cfg.include), list(cfg.exclude))
+    if not storage.exists(uri):
+        if storage.exists(storage.join(cfg.out, RESULTS_DIR)):
+            raise ValueError(
+                f"{cfg.out} holds {RESULTS_DIR}/ but no {PROGRESS_FILE} (written by an older raycap, or not by "
+                "this job): caption into a new --out"
+            )
+        return fresh
+    progress = Progress(**json.loads(storage.read_bytes(uri)))
+    if (progress.source, progress.include, progress.exclude) != (fresh.source, fresh.include, fresh.exclude):
+        raise ValueError(
+            f"{cfg.out} holds the captions of --source {progress.source} with --include {progress.include} "
+            f"--exclude {progress.exclude}: a rerun resumes only the same listing, so pass those, or caption "
+            "into a new --out"
+        )
+    return progress
+
+
+def save_progress(out: str, progress: Progress) -> None:
+    storage.write_bytes(storage.join(out, PROGRESS_FILE), json.dumps(asdict(progress), indent=1).encode("utf-8"))
+
+
+def uncounted_rows(out: str, progress: Progress) -> dict[str, tuple[str, bool]]:
+    """Rows that `progress` does not count yet: those of its orphans and of its `next_shard` if a
+    kill left it written but unrecorded (at most one chunk per killed run): key -> (shard, ok).
+    Sets `progress.orphans` to the shards they come from."""
+    names = [*progress.orphans]
+    if progress.next_shard is not None and storage.exists(storage.join(out, RESULTS_DIR, progress.next_shard)):
+        names.append(progress.next_shard)
+    rows = {}
+    for name in names:
+        table = _read_shard(storage.join(out, RESULTS_DIR, name))
+        for key, status in zip(table.column("key").to_pylist(), table.column("status").to_pylist()):
+            rows[key] = (name, status == "ok")
+    progress.orphans = names
+    return rows
+
+
+@dataclass
+class Plan:
+    """Where a run resumes, and what it captions."""
+
+    progress: Progress  # out's record
+    uncounted: dict[str, tuple[str, bool]]  # rows the record does not count yet (uncounted_rows)
+    planner: Planner  # its counts grow as `windows` is consumed
+    windows: Iterator[list[Chunk]]  # of the files listed after the watermark
+
+
+def plan(cfg: BulkConfig, list_pages: Callable[[str, str | None], Pages] = storage.list_pages) -> Plan:
+    """Read `cfg.out`'s record and uncounted shards, and plan the listing after its watermark:
+    `list_pages(source, start_after)` gives the pages (storage.list_pages, or any source of pages
+    in listing order). Nothing is listed until `windows` is consumed."""
+    progress = load_progress(cfg)
+    uncounted = uncounted_rows(cfg.out, progress)
+    planner = Planner(cfg, uncounted)
+    return Plan(progress, uncounted, planner, planner.windows(list_pages(cfg.source, progress.watermark)))
 
 
 def shard_uris(out: str) -> list[str]:
@@ -270,8 +425,8 @@ def read_batch(batch: Batch, image_size: int, max_image_bytes: int, max_pixels: 
 
 
 class CaptionClient:
-    """Stateful batch function: sends each decodable image of a batch through the Encoder and the
-    Decoder (all at once, so the batch is in flight together) and retries failed requests."""
+    """Stateful batch function: sends each decodable image of a batch through the Encoder (all at
+    once, so the batch is in flight together) and then the Decoder, and retries failed requests."""
 
     def __init__(self, app_name: str, model: str, beam_size: int, retries: int, timeout_s: float) -> None:
         from ray import serve
@@ -283,8 +438,15 @@ class CaptionClient:
         self.options = CaptionOptions(beam_size=beam_size)
         self.retries, self.timeout_s = retries, timeout_s
 
-    def _submit(self, image: np.ndarray) -> Any:
-        return self.decoder.caption.remote(self.encoder.encode_pixels.remote(image), self.options)
+    def _submit(self, image: np.ndarray, encoded: Any = None) -> Any:
+        """The Decoder's response for `image`, requested once the Encoder's reply (`encoded`, or a new
+        request) is in: a reply handed on unresolved and lost with its node stalls the Decoder call,
+        which Serve reroutes forever. The exception instead, if the Encoder failed: retried as one."""
+        try:
+            features = (encoded or self.encoder.encode_pixels.remote(image)).result(timeout_s=self.timeout_s)
+        except Exception as exc:  # noqa: BLE001 - raised again where the response is awaited
+            return exc
+        return self.decoder.caption.remote(features, self.options)
 
     def __call__(self, batch: Batch) -> Batch:
         n = len(batch["key"])
@@ -292,10 +454,14 @@ class CaptionClient:
         captions, models = np.full(n, "", dtype=object), np.full(n, "", dtype=object)
         scores = np.full(n, np.nan)
         errors = batch["error"].copy()
-        pending = {i: self._submit(batch["image"][i]) for i in range(n) if errors[i] == ""}
+        # Every image's Encoder request first, so the Encoders work while Decoder requests go out.
+        encoded = {i: self.encoder.encode_pixels.remote(batch["image"][i]) for i in range(n) if errors[i] == ""}
+        pending = {i: self._submit(batch["image"][i], reply) for i, reply in encoded.items()}
         for i, response in pending.items():
             for attempt in range(self.retries + 1):
                 try:
+                    if isinstance(response, Exception):
+                        raise response
                     result = response.result(timeout_s=self.timeout_s)
                 except ValueError as exc:  # the request itself is wrong (e.g. options): retrying cannot help
                     errors[i] = f"caption request rejected: {exc}"
@@ -332,44 +498,94 @@ def _rows_table(batch: dict[str, Any]) -> pa.Table:
     )
 
 
-class ShardWriter:
-    """Buffers result rows and commits them as whole shards, each key at most once per run."""
+class ChunkWriter:
+    """Commits the chunks of each window in listing order, each once all its rows are in: the rows
+    as one shard (written atomically), then the progress record with the watermark past the chunk.
+    A key's row is taken once: a retried upstream task's repeat is dropped."""
 
-    def __init__(self, cfg: BulkConfig) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: BulkConfig, progress: Progress, uncounted: dict[str, tuple[str, bool]]) -> None:
+        self.cfg, self.progress, self.uncounted = cfg, progress, uncounted
         self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
-        self.buffer: list[pa.Table] = []
-        self.buffered = 0
-        self.written: set[str] = set()
-        self.shards: list[str] = []
-        self.ok = self.failed = 0
-        self.last_commit = time.monotonic()
+        self.ok = self.failed = self.shards = 0  # committed by this run
+        self.window: list[Chunk] = []
+        self.rows: list[list[pa.Table]] = []  # per chunk of the window: its rows so far
+        self.missing: list[int] = []  # per chunk: rows still to come
+        self.index: dict[str, int] = {}  # key still to come -> its chunk in the window
+        self.next = 0  # the window's first uncommitted chunk
+        self.left = Counter(name for name, _ in uncounted.values())  # uncounted rows per orphan shard
+        self.start = self.last_report = time.monotonic()
+        progress.next_shard = self._shard_name()
+        save_progress(cfg.out, progress)  # before this run's first shard: a kill leaves at most next_shard unrecorded
+
+    def _shard_name(self) -> str:
+        return f"part-{self.run_id}-{self.shards:05d}.{self.cfg.format}"
+
+    @property
+    def buffered(self) -> int:
+        """Rows in, not committed yet."""
+        return sum(len(t) for rows in self.rows[self.next :] for t in rows)
+
+    def open(self, window: list[Chunk]) -> None:
+        """Take the next window; its chunks with nothing to caption commit at once."""
+        self.window, self.next = window, 0
+        self.rows = [[] for _ in window]
+        self.missing = [len(chunk.todo) for chunk in window]
+        self.index = {f.uri: i for i, chunk in enumerate(window) for f in chunk.todo}
+        self._commit_ready()
 
     def add(self, rows: pa.Table) -> None:
-        keys = rows.column("key").to_pylist()
-        fresh = [k not in self.written for k in keys]
-        if not all(fresh):  # a retried upstream task: its rows were already taken
-            rows = rows.filter(pa.array(fresh))
-        self.written.update(rows.column("key").to_pylist())
-        self.buffer.append(rows)
-        self.buffered += len(rows)
-        due = time.monotonic() - self.last_commit > self.cfg.commit_every_s
-        if self.buffered >= self.cfg.rows_per_shard or (due and self.buffered):
-            self.commit()
+        taken = defaultdict(list)  # chunk -> positions of its rows in `rows`
+        for position, key in enumerate(rows.column("key").to_pylist()):
+            chunk = self.index.pop(key, None)
+            if chunk is not None:  # else a retried upstream task's row, already taken
+                taken[chunk].append(position)
+        for chunk, positions in taken.items():
+            self.rows[chunk].append(rows.take(positions))
+            self.missing[chunk] -= len(positions)
+        self._commit_ready()
+        if time.monotonic() - self.last_report > 10:
+            self._report()
 
-    def commit(self) -> None:
-        """Write the buffered rows as one shard (atomically: the whole shard appears, or none)."""
-        if not self.buffered:
-            return
-        table = pa.concat_tables(self.buffer)
-        name = f"part-{self.run_id}-{len(self.shards):05d}.{self.cfg.format}"
-        uri = storage.join(self.cfg.out, RESULTS_DIR, name)
-        storage.write_bytes(uri, _encode(table, self.cfg.format))
-        failed = sum(1 for s in table.column("status").to_pylist() if s == "error")
-        self.ok += len(table) - failed
+    def _report(self) -> None:
+        self.last_report = time.monotonic()
+        rows = self.ok + self.failed + self.buffered
+        rate = rows / (self.last_report - self.start)
+        print(f"[raycap] bulk: {rows} files captioned ({rate:.1f}/s), {self.failed} errors and {self.shards} shards "
+              f"committed, up to {self.progress.watermark}", flush=True)  # fmt: skip
+
+    def close(self) -> None:
+        """End the window. Raises RuntimeError if a file of it came back without a row."""
+        if self.index:
+            raise RuntimeError(
+                f"the pipeline returned no row for {len(self.index)} files, e.g. {next(iter(self.index))}: "
+                "their chunks and the ones after are not committed; rerun to caption them"
+            )
+
+    def _commit_ready(self) -> None:
+        while self.next < len(self.window) and self.missing[self.next] == 0:
+            self._commit(self.window[self.next], self.rows[self.next])
+            self.rows[self.next] = []
+            self.next += 1
+
+    def _commit(self, chunk: Chunk, rows: list[pa.Table]) -> None:
+        new = sum(len(t) for t in rows)
+        failed = sum(1 for t in rows for status in t.column("status").to_pylist() if status == "error")
+        if new:
+            uri = storage.join(self.cfg.out, RESULTS_DIR, self._shard_name())  # the record's next_shard
+            storage.write_bytes(uri, _encode(pa.concat_tables(rows), self.cfg.format))
+            self.shards += 1
+            self.progress.shards += 1
+            self.progress.next_shard = self._shard_name()
+        adopted_ok = 0
+        for key in chunk.adopted:
+            name, ok = self.uncounted.pop(key)
+            adopted_ok += ok
+            self.left[name] -= 1
+        self.progress.orphans = [name for name in self.progress.orphans if self.left[name] > 0]
+        self.progress.advance(chunk, new - failed + adopted_ok, failed + len(chunk.adopted) - adopted_ok)
+        save_progress(self.cfg.out, self.progress)
+        self.ok += new - failed
         self.failed += failed
-        self.shards.append(uri)
-        self.buffer, self.buffered, self.last_commit = [], 0, time.monotonic()
 
 
 def _encode(table: pa.Table, fmt: str) -> bytes:
@@ -414,59 +630,67 @@ def _pipeline(cfg: BulkConfig, todo: list[storage.FileInfo], served: Served) -> 
         yield _rows_table(batch)
 
 
-def _finish(cfg: BulkConfig, summary: BulkSummary, matched: list[storage.FileInfo]) -> None:
-    """Fill the totals from every committed shard."""
-    results = read_results(cfg.out)
-    keys = results.column("key").to_pylist()
-    statuses = dict(zip(keys, results.column("status").to_pylist()))
-    summary.duplicates = len(keys) - len(statuses)
-    summary.total_ok = sum(1 for s in statuses.values() if s == "ok")
-    summary.total_failed = len(statuses) - summary.total_ok
-    summary.pending = sum(1 for f in matched if f.uri not in statuses)
+def caption_windows(
+    windows: Iterator[list[Chunk]], writer: ChunkWriter, caption: Callable[[list[storage.FileInfo]], Iterable[pa.Table]]
+) -> None:
+    """Caption the windows one after the other (`caption(files)` gives their rows, in any order),
+    listing the next window meanwhile; `writer` commits chunks as their rows come in."""
+    with ThreadPoolExecutor(1) as lister:
+        upcoming = lister.submit(next, windows, None)
+        while (window := upcoming.result()) is not None:
+            upcoming = lister.submit(next, windows, None)
+            writer.open(window)
+            todo = [f for chunk in window for f in chunk.todo]
+            for rows in caption(todo) if todo else ():
+                writer.add(rows)
+            writer.close()
+
+
+def _count(summary: BulkSummary, planner: Planner, progress: Progress, uncounted: dict[str, tuple[str, bool]]) -> None:
+    """Fill the totals: the committed prefix's and the rows it does not count yet, plus this listing's counts."""
+    summary.listed += planner.listed
+    summary.matched += planner.matched
+    summary.todo = planner.todo
+    uncounted_ok = sum(ok for _, ok in uncounted.values())
+    summary.total_ok = progress.ok + uncounted_ok
+    summary.total_failed = progress.failed + len(uncounted) - uncounted_ok
+    summary.pending = summary.matched - summary.total_ok - summary.total_failed
 
 
 def caption_bucket(cfg: BulkConfig) -> BulkSummary:
-    """Caption every matching file under `cfg.source` that has no committed row yet; write the rows
-    and `summary.json` under `cfg.out`. Uses the running Ray cluster, or starts one (RAY_ADDRESS is
-    honoured), and the running Serve application, or deploys it (`ensure_app`)."""
+    """Caption every matching file under `cfg.source` that has no committed row yet; write the rows,
+    `progress.json` and `summary.json` under `cfg.out`. Uses the running Ray cluster, or starts one
+    (RAY_ADDRESS is honoured), and the running Serve application, or deploys it (`ensure_app`)."""
     start = time.perf_counter()
     cfg = replace(cfg, source=storage.absolute(cfg.source), out=storage.absolute(cfg.out))  # as keys, and for workers
-    listed, matched = list_sources(cfg)
-    done = set(read_results(cfg.out).column("key").to_pylist())
-    remaining = [f for f in matched if f.uri not in done]
-    todo = remaining[: cfg.limit] if cfg.limit is not None else remaining
-    summary = BulkSummary(cfg.source, cfg.out, listed, len(matched), len(matched) - len(remaining), len(todo),
-                          dry_run=cfg.dry_run)  # fmt: skip
+    if not storage.exists(cfg.source):
+        raise FileNotFoundError(f"source {cfg.source} does not exist (or holds no file yet)")
+    if cfg.checkpoint is not None:  # before Ray: a checkpoint that is not one is one line, not a failed deploy
+        from raycap.models.checkpoint import pick_checkpoint  # torch: only when a checkpoint is given
+
+        cfg = replace(cfg, checkpoint=pick_checkpoint(cfg.checkpoint))
+    run = plan(cfg)
+    progress, uncounted = run.progress, run.uncounted
+    summary = BulkSummary(cfg.source, cfg.out, progress.listed, progress.matched,
+                          progress.ok + progress.failed + len(uncounted), dry_run=cfg.dry_run)  # fmt: skip
     if cfg.dry_run:
-        summary.pending = len(remaining)
+        for _ in run.windows:
+            pass
+        _count(summary, run.planner, progress, uncounted)
         summary.elapsed_s = time.perf_counter() - start
         return summary
     init_ray()
     served = ensure_app(cfg)
     summary.model, summary.checkpoint = served.name, served.checkpoint
-    writer = ShardWriter(cfg)
-    print(f"[raycap] bulk: {len(todo)} files to caption with {served.name} ({served.checkpoint}); "
+    writer = ChunkWriter(cfg, progress, uncounted)
+    after = f" after {progress.watermark}" if progress.watermark else ""
+    print(f"[raycap] bulk: captioning the files of {cfg.source}{after} with {served.name} ({served.checkpoint}); "
           f"{summary.already_done} already done", flush=True)  # fmt: skip
-    last_report = time.monotonic()
-    try:
-        for rows in _pipeline(cfg, todo, served) if todo else ():
-            writer.add(rows)
-            if time.monotonic() - last_report > 10:
-                _progress(writer, len(todo), start)
-                last_report = time.monotonic()
-    finally:
-        writer.commit()  # rows captioned before a Ctrl-C or a failure are kept, not redone
+    caption_windows(run.windows, writer, lambda todo: _pipeline(cfg, todo, served))
     summary.new_ok, summary.new_failed, summary.shards = writer.ok, writer.failed, writer.shards
     summary.elapsed_s = time.perf_counter() - start
     summary.images_per_s = (writer.ok + writer.failed) / summary.elapsed_s
-    _finish(cfg, summary, matched)
+    _count(summary, run.planner, progress, uncounted)
     data = json.dumps(asdict(summary), indent=2).encode("utf-8")
     storage.write_bytes(storage.join(cfg.out, SUMMARY_FILE), data)
     return summary
-
-
-def _progress(writer: ShardWriter, total: int, start: float) -> None:
-    rows = writer.ok + writer.failed + writer.buffered
-    rate = rows / (time.perf_counter() - start)
-    print(f"[raycap] bulk: {rows}/{total} files captioned ({rate:.1f}/s), {writer.failed} errors committed, "
-          f"{len(writer.shards)} shards committed", flush=True)  # fmt: skip

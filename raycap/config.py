@@ -62,6 +62,7 @@ _URL_PASSWORD = re.compile(r"(?<=://)([^/@:\s]+):([^/@\s]+)@")  # scheme://user:
 # Errors a user can act on from the message alone: bad values, missing or unreadable files,
 # storage and network failures (their messages name the path or endpoint).
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+VERBOSE_ENV = "RAYCAP_VERBOSE"  # set by --verbose: raycap.runtime then shows Ray's own logs in the output
 
 
 class ConfigError(ValueError):
@@ -161,6 +162,9 @@ def from_dict(cls: type[T], data: Mapping[str, Any], section: str = "") -> T:
     for name, f in fields.items():
         if name in data:
             kwargs[name] = _convert(data[name], hints[name], f"{where}.{name}")
+            problem = _out_of_bounds(f, kwargs[name])
+            if problem:
+                raise ConfigError(f"{f.metadata[_FLAG]['name']} ({where}.{name}) {problem}")
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing key {name!r} in section {where}")
     try:
@@ -169,6 +173,20 @@ def from_dict(cls: type[T], data: Mapping[str, Any], section: str = "") -> T:
         raise
     except (ValueError, TypeError) as e:
         raise ConfigError(f"section {where}: {e}") from e
+
+
+def _out_of_bounds(f: dataclasses.Field, value: Any) -> str | None:
+    bounds = f.metadata.get(_BOUNDS)
+    return bounds.problem(value) if bounds is not None and isinstance(value, (int, float)) else None
+
+
+def check_bounds(config: Any) -> None:
+    """ValueError naming the first field of the dataclass instance `config` outside its `flag` bounds;
+    configs call it from __post_init__, so one built in Python is checked as one built from flags."""
+    for f in dataclasses.fields(config):
+        problem = _out_of_bounds(f, getattr(config, f.name))
+        if problem:
+            raise ValueError(f"{f.name} ({f.metadata[_FLAG]['name']}) {problem}")
 
 
 # --- YAML files ----------------------------------------------------------------------------------
@@ -246,17 +264,52 @@ def unflatten(flat: Mapping[str, Any], section: str = "") -> dict[str, Any]:
 
 _FLAG, _NESTED, _FILE_ONLY = "raycap.flag", "raycap.nested", "raycap.file_only"  # field metadata keys
 _KINDS = {_FLAG: "flag", _NESTED: "nested", _FILE_ONLY: "file_only"}
+_BOUNDS = "raycap.bounds"  # a numeric field's range, checked by from_dict
 
 
-def flag(name: str, default: Any = dataclasses.MISSING, *, help: str | None = None, **argparse_kwargs: Any) -> Any:
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """The values a numeric field accepts: >= at_least, > above, <= at_most (None: no limit)."""
+
+    at_least: float | None = None
+    above: float | None = None
+    at_most: float | None = None
+
+    def problem(self, value: float) -> str | None:
+        """What is wrong with `value` ("must be >= 1, got 0"), or None if it is in range."""
+        for limit, ok, word in (
+            (self.at_least, lambda v, x: v >= x, ">="),
+            (self.above, lambda v, x: v > x, ">"),
+            (self.at_most, lambda v, x: v <= x, "<="),
+        ):
+            if limit is not None and not ok(value, limit):
+                return f"must be {word} {limit:g}, got {value!r}"
+        return None
+
+
+def flag(
+    name: str,
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str | None = None,
+    at_least: float | None = None,
+    above: float | None = None,
+    at_most: float | None = None,
+    **argparse_kwargs: Any,
+) -> Any:
     """A dataclass field that the job's command line sets with the flag `name` ("--num-workers").
 
     The field's type gives argparse's `type`, `nargs` (tuples), `choices` (Literal) and `action`
     (bools: store_true when False by default, --x/--no-x otherwise); `argparse_kwargs` add to them
     (choices, metavar, action="append"), and `one_of="group"` puts the flag in a required either-or
     group. A field without a default gets a required flag (the --config file may give it instead).
+    `at_least`, `above` and `at_most` bound a number: from_dict refuses a value outside them, from
+    flags or a file alike, naming the flag, before the job does any work.
     """
-    return dataclasses.field(default=default, metadata={_FLAG: {"name": name, "help": help, **argparse_kwargs}})
+    metadata: dict[str, Any] = {_FLAG: {"name": name, "help": help, **argparse_kwargs}}
+    if (at_least, above, at_most) != (None, None, None):
+        metadata[_BOUNDS] = Bounds(at_least, above, at_most)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def nested(default_factory: Callable[[], Any]) -> Any:
@@ -314,9 +367,23 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{action.help} (default: %(default)s)"
 
 
-class JobParser(argparse.ArgumentParser, Generic[T]):
+class Parser(argparse.ArgumentParser):
+    """argparse as every raycap command uses it: defaults shown in --help, abbreviations refused, and
+    a usage error is one line, "error: ...", exit status 1, like every other user error of a job."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (`{self.prog} --help` lists every flag)", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+class JobParser(Parser, Generic[T]):
     """An ArgumentParser whose flags come from the job's dataclass `cls`, with `--config FILE.yaml`
-    (whose `section` gives the flags' defaults) and `--s3-endpoint URL`.
+    (whose `section` gives the flags' defaults), `--s3-endpoint URL` and `--verbose` (VERBOSE_ENV).
 
     Each field made with `flag` is one flag, its `dest` the field's dotted path (`num_encoders`,
     `encoder.arch` for a `nested` field's), so flag names stay short and the YAML keys are the
@@ -335,8 +402,6 @@ class JobParser(argparse.ArgumentParser, Generic[T]):
         overrides: Mapping[str, Mapping[str, Any]] | None = None,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("formatter_class", HelpFormatter)
-        kwargs.setdefault("allow_abbrev", False)
         super().__init__(description=description, **kwargs)
         self.section, self.cls = section, cls
         if section is not None:
@@ -351,7 +416,12 @@ class JobParser(argparse.ArgumentParser, Generic[T]):
             help="S3-compatible server for every s3:// URI of the job, --config and Ray workers included "
             "(default: AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, else AWS)",
         )
-        self._own = {a.dest for a in self._actions}  # help, config, s3_endpoint: not fields
+        self.add_argument(
+            "--verbose", action="store_true", dest="show_ray_logs",
+            help="also show Ray's own logs, warnings and progress bars (always in Ray's log files, "
+            "/tmp/ray/session_latest/logs)",
+        )
+        self._own = {a.dest for a in self._actions}  # help, config, s3_endpoint, show_ray_logs: not fields
         if cls is not None:
             overrides = {k: dict(v) for k, v in (overrides or {}).items()}
             self._add_flags(cls, "", None, overrides, {})
@@ -392,9 +462,12 @@ class JobParser(argparse.ArgumentParser, Generic[T]):
         argv = list(sys.argv[1:] if argv is None else argv)
         pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
         pre.add_argument("--s3-endpoint")
+        pre.add_argument("--verbose", action="store_true")
         if self.section is not None:
             pre.add_argument("--config")
         process = pre.parse_known_args(argv)[0]
+        if process.verbose:
+            os.environ[VERBOSE_ENV] = "1"
         if process.s3_endpoint:
             from raycap import storage  # boto3 and pyarrow, only when needed
 
@@ -496,7 +569,7 @@ def run_job(main: Callable[[], object]) -> NoReturn:
 
     User errors (USER_ERRORS: bad values, missing files, denied access) print one line,
     "error: <message>", to stderr; anything else prints its traceback (as do all errors with
-    RAYCAP_TRACEBACK=1). argparse's usage errors keep their own exit status 2.
+    RAYCAP_TRACEBACK=1). Usage errors (`Parser.error`) end the same way, before main runs.
     """
     try:
         main()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raycap.config import file_only, flag
+from raycap.config import check_bounds, file_only, flag
 from raycap.data.splits import KARPATHY
 from raycap.data.synthetic import generate, load_ground_truth, names_objects_correctly
 from raycap.evaluate import EvaluateConfig, evaluate_checkpoint, metrics_table
@@ -34,20 +34,23 @@ from raycap.train import TrainJobConfig, train_models
 class DemoConfig:
     out: str = flag("--out", "demo_out", help="output folder")
     # Karpathy: 600 train, 200 restval, 100 val, 100 test with n_val 100
-    n_train: int = flag("--train", 900, metavar="N", help="synthetic train2017 images")
-    n_val: int = flag("--val", 100, metavar="N", help="synthetic val2017 images")
+    n_train: int = flag("--train", 900, at_least=1, metavar="N", help="synthetic train2017 images")
+    n_val: int = flag("--val", 100, at_least=1, metavar="N", help="synthetic val2017 images")
     seed: int = flag("--seed", 0)
     encoder: EncoderConfig = file_only(
         default_factory=lambda: EncoderConfig("efficientnet_lite0", "imagenet", 7, 224)
     )
     decoder_dim: int = file_only(256)  # embed, decoder and attention dims (reference: 512)
-    epochs: int = flag("--epochs", 15)
+    epochs: int = flag("--epochs", 15, at_least=1)
     captions_per_step: int = flag(
-        "--captions-per-step", 128,
+        "--captions-per-step", 128, at_least=1,
         help="captions per optimizer step, all workers together (lr scaled linearly from 32)",
     )  # at lr 4e-4 x 128/32 (reference: 32)
-    num_workers: int = flag("--num-workers", 2, help="Ray Train workers")
+    num_workers: int = flag("--num-workers", 2, at_least=1, help="Ray Train workers")
     beam_size: int = file_only(BEAM_SIZE)
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, dict[str, float]]:

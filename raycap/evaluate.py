@@ -22,7 +22,7 @@ import json
 import math
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -30,11 +30,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 from raycap import feature_store as fstore
 from raycap import storage
-from raycap.config import flag
+from raycap.config import check_bounds, flag
 from raycap.data.images import load_image
 from raycap.data.splits import SplitRef, TrainingData
 from raycap.metrics import official_scores, per_image_scores, score_captions
-from raycap.models.checkpoint import CaptionModel, load_checkpoint
+from raycap.models.checkpoint import CaptionModel, load_checkpoint, pick_checkpoint
 from raycap.models.decoding import BEAM_SIZE, MAX_DECODE_LEN
 from raycap.models.encoder_config import EncoderConfig
 from raycap.recipe import caption_features
@@ -56,7 +56,10 @@ class EncoderMismatchError(ValueError):
 class EvaluateConfig:
     """What to score and how; decoding defaults are training's validation ones (raycap.models.decoding)."""
 
-    checkpoint: str = flag("--checkpoint", help="checkpoint folder or s3:// prefix written by jobs/train.py")
+    checkpoint: str = flag(
+        "--checkpoint",
+        help="checkpoint folder or s3:// prefix written by jobs/train.py, or its run's folder (its best; <run>/latest)",
+    )
     features: str | None = flag(
         "--features", None, help="extraction output root (folder or s3:// prefix); default: the checkpoint's"
     )
@@ -64,13 +67,13 @@ class EvaluateConfig:
         "--split", None, help="split to score (test, val, val:even, ...); default: the checkpoint's report split"
     )
     out: str = flag("--out", "eval_out", help="folder or s3:// prefix for predictions, metrics and pictures")
-    beam_size: int = flag("--beam-size", BEAM_SIZE)
-    max_decode_len: int = flag("--max-decode-len", MAX_DECODE_LEN, help="words per caption at most")
+    beam_size: int = flag("--beam-size", BEAM_SIZE, at_least=1)
+    max_decode_len: int = flag("--max-decode-len", MAX_DECODE_LEN, at_least=1, help="words per caption at most")
     allow_unk: bool = flag(
         "--allow-unk", False,
         help="let captions hold <unk> (the word for every rare word); by default beam search never emits it",
     )
-    pictures: int = flag("--pictures", 4, help="attention pictures to draw (attention model)")
+    pictures: int = flag("--pictures", 4, at_least=0, help="attention pictures to draw (attention model)")
     compare: tuple[str, ...] = flag(
         "--compare", (), action="append",
         help="another checkpoint to caption the same images with (repeatable; same encoder): writes a "
@@ -84,6 +87,9 @@ class EvaluateConfig:
         "--official", False,
         help="also score with the COCO caption toolkit's Java tokenizer and METEOR, side by side (needs java)",
     )
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
 
 
 @dataclass
@@ -186,7 +192,8 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> EvalResult:
             "--official needs java on PATH (the COCO caption toolkit's tokenizer and METEOR are Java programs): "
             "install a Java runtime (e.g. apt-get install default-jre-headless) or leave out --official"
         )
-    checkpoint, out_dir = storage.absolute(cfg.checkpoint), storage.absolute(cfg.out)
+    cfg = replace(cfg, checkpoint=pick_checkpoint(cfg.checkpoint), compare=tuple(pick_checkpoint(c) for c in cfg.compare))
+    checkpoint, out_dir = cfg.checkpoint, storage.absolute(cfg.out)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model: CaptionModel = load_checkpoint(checkpoint, device)
     data = model.data
@@ -195,11 +202,15 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> EvalResult:
     if features_root is None or split is None:
         raise ValueError(f"checkpoint {checkpoint} records no feature root or report split: give --features and --split")
     ref = SplitRef.parse(split)
+    fstore.check_root(features_root)
     references = fstore.read_references(features_root, ref.name)
     listed = fstore.split_state(features_root, ref.name).feature_ids  # (N,): checked before features are read
     listed = listed[ref.keep(listed) & np.isin(listed, list(references))]
     if not len(listed):
-        raise ValueError(f"split {split} has no images with both features and captions under {features_root}")
+        raise ValueError(
+            f"split {split} has no images with both features and captions under {features_root}: extract it first, "
+            f"python jobs/extract_features.py --out {features_root} --splits {ref.name} (with the encoder flags used before)"
+        )
     spec = fstore.stored_spec(features_root, ref.name)  # the first shard's; read_features checks the rest
     check_encoder(checkpoint, model.encoder_cfg, features_root, split, spec.encoder if spec else None)
     label = held_out_label(checkpoint, split, listed, data, cfg.allow_train_overlap)
@@ -262,7 +273,7 @@ def _compare(
     refused as the first checkpoint is (another encoder, trained on these images); write the sheet.
     Returns each model's metrics by label, and the sheet's HTML and PNG paths."""
     split, device = result.split, "cuda" if torch.cuda.is_available() else "cpu"
-    others = {storage.absolute(c): load_checkpoint(storage.absolute(c), device) for c in cfg.compare}
+    others = {c: load_checkpoint(c, device) for c in cfg.compare}
     labels = _labels([model, *others.values()])
     captions = {labels[0]: result.predictions}  # model -> {image_id: caption}
     for (checkpoint, other), label in zip(others.items(), labels[1:]):

@@ -125,6 +125,17 @@ class SplitState:
         return {*self.feature_ids.tolist(), *self.error_ids.tolist()}
 
 
+def check_root(out: str) -> None:
+    """FileNotFoundError unless `out` is an extraction output root (what jobs/extract_features.py
+    --out wrote); it names the root when `out` is a folder inside one, such as its features/."""
+    if any(storage.exists(storage.join(out, name)) for name in (MANIFEST_FILE, FEATURES)):
+        return
+    parent = out.rstrip("/").rsplit("/", 1)[0]
+    inside = parent != out and storage.exists(storage.join(parent, MANIFEST_FILE))
+    hint = f"; {parent} is: give that" if inside else ": give the folder that jobs/extract_features.py --out wrote"
+    raise FileNotFoundError(f"{out} is not an extraction output (no {MANIFEST_FILE} or {FEATURES}/ in it){hint}")
+
+
 def features_dir(out: str, split: str) -> str:
     return storage.join(out, FEATURES, split)
 

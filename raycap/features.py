@@ -28,12 +28,13 @@ from ray.data import ActorPoolStrategy
 
 from raycap import feature_store as fstore
 from raycap import storage
-from raycap.config import file_only, flag, nested
+from raycap.config import check_bounds, file_only, flag, nested
 from raycap.data.coco import SPLITS, ImageRecord, coco_files, load_coco_captions, load_karpathy_split
 from raycap.data.images import DEFAULT_MAX_PIXELS
 from raycap.data.vocab import Vocab
 from raycap.feature_batches import FeatureEncoder, FeatureSink, decode_batch
 from raycap.feature_store import FeatureSpec
+from raycap.models.encoder import check_weights
 from raycap.models.encoder_config import EncoderConfig
 from raycap.runtime import init_ray
 
@@ -66,35 +67,34 @@ class ExtractConfig:
         "--stored-grid", None,
         help="store features pooled to this grid (default: the trunk's native grid, e.g. 8 for resnet101 at 256)",
     )
-    batch_size: int = flag("--batch-size", 32, help="images per encoder call")
+    batch_size: int = flag("--batch-size", 32, at_least=1, help="images per encoder call")
     num_encoders: int | None = flag(
         "--encoders", None, metavar="N", help="encoder actors (default: one per GPU, else 1)"
     )
-    encoder_cpus: float = flag("--encoder-cpus", 1.0, help="CPU slots per encoder actor without GPUs")
+    encoder_cpus: float = flag("--encoder-cpus", 1.0, above=0, help="CPU slots per encoder actor without GPUs")
     torch_threads: int | None = flag(
-        "--torch-threads", None, help="intra-op threads per CPU encoder (default: Ray's, one per CPU slot)"
+        "--torch-threads", None, at_least=1, help="intra-op threads per CPU encoder (default: Ray's, one per CPU slot)"
     )
     decode_batch_size: int = flag(
-        "--decode-batch-size", 16, help="images per decode task (a divisor of --batch-size avoids short batches)"
+        "--decode-batch-size", 16, at_least=1, help="images per decode task (a divisor of --batch-size avoids short batches)"
     )
     # CPU slots per read+decode (and write) task. Keep it unlike encoder_cpus: Ray fuses consecutive
     # stages with equal resources, which would move decoding into the encoder actors.
-    decode_cpus: float = flag("--decode-cpus", 0.5, help="CPU slots per decode task; keep != --encoder-cpus")
+    decode_cpus: float = flag("--decode-cpus", 0.5, above=0, help="CPU slots per decode task; keep != --encoder-cpus")
     rows_per_shard: int = flag(
-        "--rows-per-shard", 128, help="feature rows per shard (~34 MB for resnet101's native 8x8 grid in float16)"
+        "--rows-per-shard", 128, at_least=1, help="feature rows per shard (~34 MB for resnet101's native 8x8 grid in float16)"
     )
-    limit: int | None = flag("--limit", None, help="encode at most this many new images per split")
-    min_freq: int = flag("--min-freq", 5, help="vocabulary: minimum word count in train captions")
-    max_words: int = flag("--max-words", 50, help="vocabulary: words kept per training caption")
+    limit: int | None = flag("--limit", None, at_least=1, help="encode at most this many new images per split")
+    min_freq: int = flag("--min-freq", 5, at_least=1, help="vocabulary: minimum word count in train captions")
+    max_words: int = flag("--max-words", 50, at_least=1, help="vocabulary: words kept per training caption")
     max_pixels: int = file_only(DEFAULT_MAX_PIXELS)  # decoded width x height at most (decompression bombs)
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         if (self.coco_root is None) == (self.images is None):
             raise ValueError("give exactly one input: a COCO root (with annotations) or an images folder/prefix")
         if self.karpathy_file and not self.coco_root:
             raise ValueError("a Karpathy split file needs the COCO root its image paths are relative to")
-        if min(self.batch_size, self.decode_batch_size, self.rows_per_shard) < 1:
-            raise ValueError("batch_size, decode_batch_size and rows_per_shard must be >= 1")
         FeatureSpec(self.encoder, self.dtype, self.stored_grid)  # validates dtype and stored_grid
 
 
@@ -224,6 +224,7 @@ def extract_features(cfg: ExtractConfig) -> ExtractResult:
     cfg = replace(cfg, **local)  # Ray tasks may run in other folders
     spec = FeatureSpec(cfg.encoder, cfg.dtype, cfg.stored_grid)
     records = load_records(cfg, cfg.splits)
+    check_weights(cfg.encoder)  # on the driver, before any work: one line, not an actor crash each
     vocab = None
     if cfg.images is None:
         vocab = prepare_vocab(cfg, records)

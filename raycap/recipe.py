@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from raycap.config import file_only, flag
+from raycap.config import check_bounds, file_only, flag
 from raycap.data.vocab import Vocab
 from raycap.models.beam import Caption, beam_search
 from raycap.models.decoders import caption_loss, trim_padding
@@ -34,37 +34,34 @@ LR_RULES = ("linear", "none")
 class TrainConfig:
     """Optimisation and evaluation knobs; defaults follow the reference recipe."""
 
-    epochs: int = flag("--epochs", 20)
+    epochs: int = flag("--epochs", 20, at_least=1)
     captions_per_step: int = flag(
-        "--captions-per-step", REFERENCE_CAPTIONS_PER_STEP,
+        "--captions-per-step", REFERENCE_CAPTIONS_PER_STEP, at_least=1,
         help="captions per optimizer step, all workers together (a multiple of --num-workers)",
     )
-    lr: float = flag("--lr", 4e-4, help="learning rate at 32 captions per step")
+    lr: float = flag("--lr", 4e-4, above=0, help="learning rate at 32 captions per step")
     lr_rule: str = flag(
         "--lr-rule", "linear", choices=LR_RULES,
         help="linear: lr x captions-per-step / 32, warmed up; none: --lr as given",
     )
-    warmup_epochs: float = flag("--warmup-epochs", 1.0, help="linear rule: epochs to ramp from --lr to the scaled lr")
-    grad_clip: float = flag("--grad-clip", 5.0)
-    alpha_c: float = flag("--alpha-c", 1.0, help="doubly stochastic attention weight")
-    lr_decay: float = flag("--lr-decay", 0.8, help="lr factor after --decay-patience epochs without better BLEU-4")
-    decay_patience: int = flag("--decay-patience", 8, help="epochs without better BLEU-4 before lr decay")
+    warmup_epochs: float = flag("--warmup-epochs", 1.0, at_least=0, help="linear rule: epochs to ramp from --lr to the scaled lr")
+    grad_clip: float = flag("--grad-clip", 5.0, above=0)
+    alpha_c: float = flag("--alpha-c", 1.0, at_least=0, help="doubly stochastic attention weight")
+    lr_decay: float = flag("--lr-decay", 0.8, above=0, at_most=1, help="lr factor after --decay-patience epochs without better BLEU-4")
+    decay_patience: int = flag("--decay-patience", 8, at_least=1, help="epochs without better BLEU-4 before lr decay")
     early_stop_patience: int = flag(
-        "--early-stop-patience", 20, help="stop after this many epochs without better BLEU-4"
+        "--early-stop-patience", 20, at_least=1, help="stop after this many epochs without better BLEU-4"
     )
-    beam_size: int = flag("--beam-size", BEAM_SIZE, help="beam size for validation captions")
+    beam_size: int = flag("--beam-size", BEAM_SIZE, at_least=1, help="beam size for validation captions")
     max_decode_len: int = file_only(MAX_DECODE_LEN)  # words per validation caption at most
     eval_batch_size: int = file_only(64)
     mixed_precision: bool = file_only(True)  # used on GPU only
     seed: int = flag("--seed", 0)
 
     def __post_init__(self) -> None:
-        if self.captions_per_step < 1:
-            raise ValueError(f"captions_per_step must be >= 1, got {self.captions_per_step}")
+        check_bounds(self)
         if self.lr_rule not in LR_RULES:
             raise ValueError(f"lr_rule must be one of {list(LR_RULES)}, got {self.lr_rule!r}")
-        if self.warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
 
     @property
     def scaled_lr(self) -> float:

@@ -26,6 +26,7 @@ HTTP (the ingress, `Captioner`):
     POST /caption/batch    several images as multipart/form-data files
         query: beam_size, num_captions (<= beam_size), attention, allow_unk (defaults: CaptionOptions)
         query: model (default: the config's default_model; or the serve_multiplexed_model_id header)
+        any other query parameter (a typo: ?beamsize=5) gets 422 naming it and the known ones
         -> {caption, score, model, beams?: [{caption, score, attention?}], attention?: (words, grid, grid)}
         an unknown model gets 404 with the served models' names
     GET  /models           {models: [{name, checkpoint}], default}: the models this application serves
@@ -35,8 +36,9 @@ HTTP (the ingress, `Captioner`):
                            (raycap/static/, calling /models and /caption like any client)
     GET  /docs, /redoc     API docs, Swagger UI and ReDoc served from the package (no CDN)
 
-Bad input gets a 4xx with a JSON `detail`: undecodable bytes 400, unknown model 404, too large 413,
-too many images 413, bad options 422. Oversized bodies are refused as they stream in (`raycap.serve_http`).
+Bad input gets a 4xx whose JSON body is always `{"detail": "<what was wrong and how to fix it>"}`:
+undecodable bytes 400, unknown model 404, too large 413, too many images 413, bad options or an
+unknown query parameter 422. Oversized bodies are refused as they stream in (`raycap.serve_http`).
 
 Authentication is off unless the replicas find a token: RAYCAP_API_TOKEN_FILE naming a file that
 holds it, or RAYCAP_API_TOKEN in the environment Ray was started in (`raycap.serve_http` says how,
@@ -45,8 +47,9 @@ and why not in a runtime_env). Then every path but /healthz and the page's own f
 <token>` (the scheme in any case), else 401, checked before routing. The page asks for the token.
 
 The ingress (HTTP and `caption_images` alike) sends an image again when its Encoder or Decoder
-replica dies mid-request (captioning is idempotent; Serve routes the retry to a live replica), up to
-REPLICA_ATTEMPTS tries in all, so a lost replica costs clients latency, not errors.
+replica dies, or its node is lost, mid-request (captioning is idempotent; Serve routes the retry to
+a live replica), up to REPLICA_ATTEMPTS tries in all, so a lost replica costs clients latency, not
+errors.
 
 Metrics (Ray's, scraped from each node's metrics export port as `ray_<name>`): Serve's own request
 counts and latencies (`serve_num_http_requests`, `serve_deployment_processing_latency_ms`, ...) and
@@ -56,9 +59,11 @@ a Serve batch splits by checkpoint and options), `raycap_captions` (images by ou
 
 Other Ray code calls the same deployments through handles: the ingress,
 `serve.get_app_handle("raycap").caption_images.remote([jpeg_bytes], CaptionOptions())`, or the two
-stages, `decoder.caption.remote(encoder.remote(jpeg_bytes), CaptionOptions())` with
-`encoder = serve.get_deployment_handle("Encoder", "raycap")` and the same for "Decoder". The bulk job
-(`raycap.bulk`) decodes on its own CPU workers and sends pixels: `encoder.encode_pixels.remote(array)`.
+stages, `decoder.caption.remote(await encoder.remote(jpeg_bytes), CaptionOptions())` with
+`encoder = serve.get_deployment_handle("Encoder", "raycap")` and the same for "Decoder" (the
+Encoder's reply awaited first: chained into the Decoder call, a reply lost with its node hangs that
+call). The bulk job (`raycap.bulk`) decodes on its own CPU workers and sends pixels:
+`encoder.encode_pixels.remote(array)`.
 To deploy serve_config.yaml from Python, with another checkpoint or port: `raycap.serve_deploy`.
 """
 
@@ -73,9 +78,9 @@ from typing import Annotated, Any, TypeVar
 
 import numpy as np
 import torch
-from fastapi import Depends, HTTPException, Query, Request
+from fastapi import HTTPException, Query, Request
 from fastapi_offline import FastAPIOffline
-from pydantic import BaseModel, ConfigDict, NonNegativeFloat, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt, model_validator
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
@@ -85,20 +90,23 @@ from raycap.data.images import DEFAULT_MAX_PIXELS, ImageError
 from raycap.data.vocab import Vocab
 from raycap.models.beam import Caption, beam_search
 from raycap.models.checkpoint import CaptionModel, load_checkpoint, read_meta
-from raycap.models.decoding import BEAM_SIZE, MAX_DECODE_LEN
+from raycap.models.decoding import MAX_DECODE_LEN
 from raycap.models.encoder import Encoder
 from raycap.models.encoder_config import EncoderConfig
 from raycap.serve_http import (
+    CLIENT_ERRORS,
     MULTI_IMAGE_BODY,
     MULTIPART_OVERHEAD,
     SECURED,
     SINGLE_IMAGE_BODY,
     BearerTokenAuth,
+    QueryParams,
     TooManyFiles,
     add_page,
     api_token,
     is_multipart,
     multipart_files,
+    plain_errors,
     read_body,
 )
 from raycap.serve_schema import (
@@ -484,33 +492,36 @@ api = FastAPIOffline(  # FastAPI with /docs and /redoc loading Swagger UI and Re
     static_url="/static/docs",
 )
 api.add_middleware(BearerTokenAuth)
+plain_errors(api)
 add_page(api)
+_DEFAULT = CaptionOptions()  # the query's defaults, as for Python callers
 
 
-def caption_options(
-    beam_size: Annotated[
-        int, Query(ge=1, description="beams kept per step (at most the app's max_beam_size)")
-    ] = BEAM_SIZE,
-    num_captions: Annotated[int, Query(ge=1, description="captions to return, best first; at most beam_size")] = 1,
-    attention: Annotated[bool, Query(description="return attention maps, (words, grid, grid) per caption")] = False,
-    allow_unk: Annotated[bool, Query(description="let captions hold <unk>, the word for every rare word")] = False,
-) -> CaptionOptions:
-    return CaptionOptions(beam_size, num_captions, attention, allow_unk)
+class ModelQuery(QueryParams):
+    """The query of GET /model."""
+
+    model: str | None = Field(
+        None, description="the model to answer (GET /models); else the serve_multiplexed_model_id header"
+    )
+
+    def model_name(self) -> str:
+        """The requested model's name; "" for the default."""
+        return self.model or serve.get_multiplexed_model_id()
 
 
-Options = Annotated[CaptionOptions, Depends(caption_options)]
+class CaptionQuery(ModelQuery):
+    """The query of the caption routes: the model and its decoding options."""
+
+    beam_size: int = Field(_DEFAULT.beam_size, ge=1, description="beams kept per step, at most the app's max_beam_size")
+    num_captions: int = Field(_DEFAULT.num_captions, ge=1, description="captions to return, best first; <= beam_size")
+    attention: bool = Field(_DEFAULT.attention, description="return attention maps, (words, grid, grid) per caption")
+    allow_unk: bool = Field(_DEFAULT.allow_unk, description="let captions hold <unk>, the word for every rare word")
+
+    def options(self) -> CaptionOptions:
+        return CaptionOptions(self.beam_size, self.num_captions, self.attention, self.allow_unk)
 
 
-def model_choice(
-    model: Annotated[
-        str | None, Query(description="the model to answer (GET /models); else the serve_multiplexed_model_id header")
-    ] = None,
-) -> str:
-    """The requested model's name; "" for the default."""
-    return model or serve.get_multiplexed_model_id()
-
-
-ModelName = Annotated[str, Depends(model_choice)]
+API = {"dependencies": SECURED, "responses": CLIENT_ERRORS}  # every route but /healthz and the page
 
 
 def _cause(exc: BaseException) -> BaseException:
@@ -596,7 +607,11 @@ class Captioner:
         attempt = 1
         while True:
             try:
-                return await decoder.caption.remote(self.encoder.remote(image), options)
+                # Awaited here, not chained into the Decoder call: an Encoder reply lost with its node
+                # is an ActorUnavailableError, which Serve 2.58's router, when it comes in as the Decoder
+                # call's argument, blames on each Decoder replica in turn and retries forever.
+                encoded = await self.encoder.remote(image)
+                return await decoder.caption.remote(encoded, options)
             except (ImageError, ModelMismatch) as exc:
                 cause = _cause(exc)
                 if isinstance(cause, ImageError):
@@ -636,20 +651,20 @@ class Captioner:
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @api.get("/models", dependencies=SECURED)
+    @api.get("/models", **API)
     async def models(self) -> ModelList:
         return await self.decoder.models.remote()
 
-    @api.get("/model", dependencies=SECURED)
-    async def model_info(self, model: ModelName) -> ModelInfo:
+    @api.get("/model", **API)
+    async def model_info(self, query: Annotated[ModelQuery, Query()]) -> ModelInfo:
         try:
-            return await self.decoder.options(multiplexed_model_id=model).info.remote()
+            return await self.decoder.options(multiplexed_model_id=query.model_name()).info.remote()
         except UnknownModel as exc:
             raise HTTPException(404, str(_cause(exc))) from None
 
-    @api.post("/caption", response_model_exclude_none=True, openapi_extra=SINGLE_IMAGE_BODY, dependencies=SECURED)
-    async def caption(self, request: Request, options: Options, model: ModelName) -> CaptionResponse:
-        limit = self.args.max_image_bytes
+    @api.post("/caption", response_model_exclude_none=True, openapi_extra=SINGLE_IMAGE_BODY, **API)
+    async def caption(self, request: Request, query: Annotated[CaptionQuery, Query()]) -> CaptionResponse:
+        options, model, limit = query.options(), query.model_name(), self.args.max_image_bytes
         if not is_multipart(request.headers):
             return (await self._http_caption([await read_body(request, limit)], options, model))[0]
         try:
@@ -660,8 +675,8 @@ class Captioner:
             raise HTTPException(400, "expected one image file, got none")
         return (await self._http_caption(files, options, model))[0]
 
-    @api.post("/caption/batch", response_model_exclude_none=True, openapi_extra=MULTI_IMAGE_BODY, dependencies=SECURED)
-    async def caption_batch(self, request: Request, options: Options, model: ModelName) -> BatchResponse:
+    @api.post("/caption/batch", response_model_exclude_none=True, openapi_extra=MULTI_IMAGE_BODY, **API)
+    async def caption_batch(self, request: Request, query: Annotated[CaptionQuery, Query()]) -> BatchResponse:
         if not is_multipart(request.headers):
             raise HTTPException(415, "send the images as files of a multipart/form-data body")
         a = self.args
@@ -672,7 +687,7 @@ class Captioner:
             raise HTTPException(413, str(exc)) from None
         if not files:
             raise HTTPException(400, "no image files in the multipart/form-data body")
-        return BatchResponse(results=await self._http_caption(files, options, model))
+        return BatchResponse(results=await self._http_caption(files, query.options(), query.model_name()))
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

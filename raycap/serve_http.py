@@ -1,5 +1,7 @@
 """HTTP plumbing for the Serve ingress (`raycap.serve.Captioner`), with no Serve logic in it:
-bearer-token authentication, request bodies read under a size limit, multipart/form-data uploads.
+bearer-token authentication, request bodies read under a size limit, multipart/form-data uploads,
+and one shape for every client error: `{"detail": "<what was wrong and how to fix it>"}`, request
+validation errors and unknown query parameters (`QueryParams`) included.
 
 The token comes from RAYCAP_API_TOKEN_FILE naming a file that holds it (e.g. `runtime_env:
 {env_vars: {RAYCAP_API_TOKEN_FILE: /etc/raycap/token}}` in serve_config.yaml), or from
@@ -17,15 +19,19 @@ own, so a fast chunked sender may still push a few tens of MB into it before the
 with a body limit, e.g. nginx `client_max_body_size`, in front if that matters).
 """
 
+import difflib
 import os
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
+from pydantic import BaseModel, model_validator
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.staticfiles import StaticFiles
@@ -111,6 +117,60 @@ class BearerTokenAuth:
 
 bearer = HTTPBearer(auto_error=False, description=f"the server's {TOKEN_FILE_ENV} or {TOKEN_ENV}")
 SECURED = [Depends(bearer)]  # declares the scheme in the OpenAPI schema; BearerTokenAuth enforces it
+
+
+# --- client errors -----------------------------------------------------------------------------
+
+
+class Problem(BaseModel):
+    """The body of every 4xx answer."""
+
+    detail: str  # what was wrong, and how to fix it
+
+
+CLIENT_ERRORS: dict[int | str, dict[str, Any]] = {  # `responses` of each API route, for the OpenAPI schema
+    "4XX": {"model": Problem, "description": "A client mistake; `detail` says which, and how to fix it"}
+}
+
+
+class QueryParams(BaseModel):
+    """A route's query parameters, as one FastAPI query parameter model (`Annotated[Model, Query()]`).
+    A parameter the route does not take, such as a typo (`?beamsize=5`), gets 422 naming it and
+    the known ones, rather than being ignored."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_only(cls, given: Any) -> Any:
+        known = list(cls.model_fields)
+        unknown = [name for name in given if name not in known] if isinstance(given, Mapping) else []
+        if unknown:
+            named = []
+            for name in unknown:
+                close = difflib.get_close_matches(name, known, n=1)
+                named.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            plural = "s" if len(named) > 1 else ""
+            raise ValueError(f"unknown query parameter{plural} {', '.join(named)}; this route takes {', '.join(known)}")
+        return given
+
+
+def _sentence(error: Mapping[str, Any]) -> str:
+    """One of FastAPI's request validation errors in words: "beam_size: input should be ..., got '0'"."""
+    if error["type"] == "value_error":  # raised by our own validators: their message says it all
+        return str(error["ctx"]["error"])
+    name = ".".join(map(str, error["loc"][1:])) or str(error["loc"][0])  # ("query", "beam_size") -> beam_size
+    got = "" if error["type"] == "missing" else f", got {error['input']!r}"
+    return f"{name}: {error['msg'][:1].lower()}{error['msg'][1:]}{got}"
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse({"detail": "; ".join(_sentence(error) for error in exc.errors())}, 422)
+
+
+def plain_errors(app: FastAPI) -> None:
+    """Answer request validation errors as every other client error, `{"detail": "<words>"}`
+    (FastAPI's own shape is a list of objects), so clients and the page read one shape."""
+    app.add_exception_handler(RequestValidationError, _validation_error)
 
 
 # --- the page ----------------------------------------------------------------------------------

@@ -15,7 +15,9 @@ would leave out up to a row per worker, and BLEU must cover the whole split.
 
 Every epoch each worker scores its share of the selection images (loss and beam search); the
 captions are gathered and scored with BLEU-1..4 and CIDEr-D, and rank 0 reports a checkpoint. The
-best checkpoint by BLEU-4 is kept, and rerunning with the same run name resumes from the latest.
+best checkpoint by BLEU-4 is kept. A run is new unless asked to resume (`resume`): a run name in use
+then gets the next free `<name>-N`; with `resume`, the named run goes on from its latest checkpoint
+(a finished one says so and trains nothing).
 
 Faults: a worker that dies is replaced and the run goes on from the last checkpoint
 (`max_failures`). A checkpoint that does not load (truncated weights, garbled JSON, a pickle planted
@@ -48,13 +50,14 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
+from ray.data import DataContext
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from torch.utils.tensorboard import SummaryWriter
 
 from raycap import feature_store as fstore
 from raycap import storage
-from raycap.config import file_only, flag, nested
+from raycap.config import check_bounds, file_only, flag, nested
 from raycap.data.splits import COCO2017, SplitRef, TrainingData, check_roles
 from raycap.metrics import score_captions
 from raycap.models.checkpoint import (
@@ -63,6 +66,9 @@ from raycap.models.checkpoint import (
     Resume,
     TrainState,
     load_resume,
+    read_state,
+    resolve_checkpoint,
+    run_checkpoints,
     save_checkpoint,
 )
 from raycap.models.decoders import DecoderConfig, build_decoder
@@ -76,7 +82,7 @@ from raycap.recipe import (
     train_epoch,
     validate,
 )
-from raycap.runtime import init_ray
+from raycap.runtime import init_ray, verbose
 
 SHUFFLE_WINDOW = 8  # a worker shuffles the pairs of this many steps' worth of images at a time
 TENSORBOARD_DIR = "tensorboard"
@@ -103,11 +109,11 @@ class TrainJobConfig:
     features: str = flag("--features", help="extraction output root (folder or s3:// prefix)")
     decoder: DecoderConfig = nested(DecoderConfig)
     train: TrainConfig = nested(TrainConfig)
-    num_workers: int = flag("--num-workers", 2, help="Ray Train workers (DDP ranks)")
+    num_workers: int = flag("--num-workers", 2, at_least=1, help="Ray Train workers (DDP ranks)")
     use_gpu: bool | None = flag("--use-gpu", None, help="default: if the cluster has GPUs")
-    cpus_per_worker: float = flag("--cpus-per-worker", 1.0)
+    cpus_per_worker: float = flag("--cpus-per-worker", 1.0, above=0)
     captions_per_image: int = flag(
-        "--captions-per-image", 5, help="(image, caption) pairs per image and epoch, as in the reference"
+        "--captions-per-image", 5, at_least=1, help="(image, caption) pairs per image and epoch, as in the reference"
     )
     # The split roles (raycap.data.splits); the defaults are COCO 2017's: val2017's even image ids
     # select, its odd ones report. Karpathy: [train, restval], val, test.
@@ -121,11 +127,15 @@ class TrainJobConfig:
     storage_path: str = flag(
         "--storage-path", "~/raycap_runs", help="folder or s3:// prefix for runs and checkpoints"
     )
-    run_name: str | None = flag("--run-name", None, help="default raycap-<model>; the same name resumes")
-    max_failures: int = flag("--max-failures", 2, help="worker failures retried from the last checkpoint")
+    run_name: str | None = flag(
+        "--run-name", None, help="default raycap-<model>; a name in use gets a new run, <name>-2, ..., unless --resume"
+    )
+    resume: bool = flag("--resume", False, help="continue the run --run-name names from its latest checkpoint")
+    max_failures: int = flag("--max-failures", 2, at_least=-1, help="worker failures retried from the last checkpoint")
     keep_checkpoints: int = file_only(2)  # best by BLEU-4; the latest is always kept too
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         check_roles(self.train_splits, self.select_split, self.report_split)
 
     @property
@@ -202,6 +212,7 @@ def split_images(cfg: TrainJobConfig, split: str) -> tuple[np.ndarray, int]:
 
 def plan_run(cfg: TrainJobConfig) -> tuple[TrainPlan, TrainingData]:
     """The step plan from the features' counts, and what the run's checkpoints will record; no Ray needed."""
+    fstore.check_root(cfg.features)
     found = [split_images(cfg, split) for split in cfg.train_splits]
     train_ids = np.concatenate([ids for ids, _ in found])  # (N,) one per row: a row in two splits counts twice
     captions = sum(count for _, count in found)
@@ -337,6 +348,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker: resume if a checkpoint exists, then train/validate/report each epoch."""
     cfg: TrainJobConfig = config["job"]
     plan: TrainPlan = config["plan"]
+    if config["quiet"]:  # Ray Train's INFO lines that its log level misses ("Reporting training result"): files only
+        logging.getLogger().setLevel(logging.WARNING)
     tcfg = cfg.train
     torch.manual_seed(tcfg.seed)
     vocab = fstore.read_vocab(cfg.features)
@@ -423,19 +436,54 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         scalars.close()
 
 
+def choose_run(cfg: TrainJobConfig) -> tuple[TrainJobConfig, TrainOutcome | None]:
+    """The run this job trains: a new one unless `cfg.resume`, so a run name in use moves on to the
+    next free `<name>-N`; with `resume`, the named run (started if it does not exist yet). A finished
+    run to resume comes back as its outcome, with a line saying so: there is nothing to train."""
+    checkpoints = run_checkpoints(run_uri(cfg))
+    if not checkpoints:
+        return cfg, None
+    if not cfg.resume:
+        n = 2
+        while run_checkpoints(run_uri(new := dataclasses.replace(cfg, run_name=f"{cfg.name}-{n}"))):
+            n += 1
+        print(f"[raycap] run {run_uri(cfg)} exists: starting a new run, {new.name} (--resume continues the old one)")
+        return new, None
+    latest, meta = checkpoints[-1]
+    state = read_state(latest)
+    stopped_early = state.since_best >= cfg.train.early_stop_patience
+    if state.epoch + 1 < cfg.train.epochs and not stopped_early:
+        print(f"[raycap] resuming run {run_uri(cfg)} after epoch {state.epoch + 1} of {cfg.train.epochs}")
+        return cfg, None
+    best, _ = resolve_checkpoint(run_uri(cfg))
+    why = f"stopped early ({state.since_best} epochs without a better BLEU-4)" if stopped_early else "finished"
+    print(
+        f"[raycap] run {run_uri(cfg)} {why} at epoch {state.epoch + 1}: nothing to train. "
+        f"--resume --epochs N (N > {state.epoch + 1}) trains it on; without --resume a new run starts"
+    )
+    return cfg, TrainOutcome(run_uri(cfg), best, dict(dict(checkpoints)[best].metrics), dict(meta.metrics))
+
+
 def train(cfg: TrainJobConfig) -> TrainOutcome:
-    """Run (or resume) one training run on the current Ray cluster; returns where results went."""
+    """Run one new training run, or resume one (`cfg.resume`), on the current Ray cluster; returns
+    where results went."""
     cfg = dataclasses.replace(cfg, features=storage.absolute(cfg.features))  # workers run in other folders
+    cfg, finished = choose_run(cfg)
+    if finished is not None:
+        return finished
+    print(f"[raycap] training {cfg.decoder.kind} as run {run_uri(cfg)}", flush=True)
     plan, data = plan_run(cfg)
     for line in plan_lines(cfg, plan, data):
         print(f"[raycap] plan: {line}", flush=True)
     init_ray()
+    # Its workers' Ray Data progress bars come with the datasets' context: a line per redraw in a log.
+    DataContext.get_current().enable_progress_bars = verbose()
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     root = storage_root(cfg)
     filesystem, storage_path = storage.filesystem(root) if storage.is_s3(root) else (None, root)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": cfg, "plan": plan, "data": data},
+        train_loop_config={"job": cfg, "plan": plan, "data": data, "quiet": not verbose()},
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,
             use_gpu=use_gpu,
@@ -449,6 +497,7 @@ def train(cfg: TrainJobConfig) -> TrainOutcome:
                 num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute="bleu4", checkpoint_score_order="max"
             ),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
+            logging_config=None if verbose() else ray.LoggingConfig(log_level="WARNING"),  # Train's INFO: log files
         ),
         datasets={
             "train": build_dataset(cfg, cfg.train_splits, shuffle=True),
@@ -486,7 +535,6 @@ def train_models(configs: list[TrainJobConfig]) -> dict[str, TrainOutcome]:
     """Train each configured decoder in turn, printing its config first and where its results went."""
     outcomes = {}
     for cfg in configs:
-        print(f"[raycap] training {cfg.decoder.kind} as run {run_uri(cfg)}", flush=True)
         outcome = train(cfg)
         outcomes[cfg.decoder.kind] = outcome
         scores = ", ".join(f"{k}={outcome.best_metrics[k]:.3f}" for k in ("bleu4", "cider_d") if k in outcome.best_metrics)

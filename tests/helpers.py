@@ -99,6 +99,19 @@ def make_checkpoint(root: Path, name: str, grid: int, seed: int, trunk: str | No
     return Path(save_checkpoint(root / name, CaptionModel(decoder, vocab, encoder_cfg, decoder_cfg)))
 
 
+def tiny_features(root: Path) -> str:
+    """Features of a 32/8-image synthetic COCO set (resnet18, 3x3 grid) extracted under `root` on
+    the running Ray; returns the features root."""
+    from raycap.data.synthetic import generate
+    from raycap.features import ExtractConfig, extract_features
+
+    data = generate(root / "coco", n_train=32, n_val=8, seed=3)
+    out = str(root / "features")
+    encoder = EncoderConfig("resnet18", "none", grid=3, image_size=64)
+    extract_features(ExtractConfig(out=out, coco_root=str(data.root), encoder=encoder, min_freq=1))
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

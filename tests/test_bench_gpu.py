@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # about 2 minutes (`make test-slow`): it keeps `make test` under 20 minutes
 def test_gpu_check_runs_every_phase_at_tiny_sizes_without_a_gpu(tmp_path: Path) -> None:
     # Its own local Ray, as a user runs it; no GPU visible even where the test machine has one.
     env = {**os.environ, "RAY_ADDRESS": "", "CUDA_VISIBLE_DEVICES": "", "OUT": str(tmp_path), "PYTHON": sys.executable}

@@ -18,9 +18,12 @@ from raycap import storage
 from raycap.bulk import (
     RESULT_SCHEMA,
     BulkConfig,
-    ShardWriter,
+    Chunk,
+    ChunkWriter,
+    Planner,
+    Progress,
     caption_bucket,
-    list_sources,
+    load_progress,
     read_batch,
     read_results,
     select,
@@ -94,7 +97,9 @@ def _direct_captions(checkpoint: str, files: dict[str, bytes], prefix: str) -> d
 
 
 def _config(source: str, out: str, **kwargs) -> BulkConfig:
-    return BulkConfig(source=source, out=out, clients=1, in_flight=8, read_batch_size=4, rows_per_shard=6, **kwargs)
+    """Chunks of 6 files, windows of at least 8: the 19 files take 2 Ray Data passes."""
+    return BulkConfig(source=source, out=out, clients=1, in_flight=8, read_batch_size=4, rows_per_shard=6, window=8,
+                      **kwargs)  # fmt: skip
 
 
 def _assert_exactly_once(results: pa.Table, files: dict[str, bytes], prefix: str) -> None:
@@ -113,12 +118,13 @@ def test_select_includes_then_excludes_with_globs_across_folders() -> None:
     assert select(keys, ("*.jpg", "*.png"), ("b/*",)) == [True, True, False, False]
 
 
-def test_listing_leaves_out_results_written_inside_the_source(tmp_path: Path) -> None:
+def test_planning_leaves_out_results_written_inside_the_source(tmp_path: Path) -> None:
     (tmp_path / "a.jpg").write_bytes(image(1))
     (tmp_path / "captions" / "results").mkdir(parents=True)
     (tmp_path / "captions" / "results" / "part-x.parquet").write_bytes(b"rows")
-    listed, matched = list_sources(BulkConfig(source=str(tmp_path), out=str(tmp_path / "captions")))
-    assert listed == 2 and [f.uri for f in matched] == [str(tmp_path / "a.jpg")]
+    planner = Planner(BulkConfig(source=str(tmp_path), out=str(tmp_path / "captions")))
+    (chunk,) = planner.chunks(storage.list_pages(str(tmp_path)))
+    assert (planner.listed, planner.matched) == (2, 1) and [f.uri for f in chunk.todo] == [str(tmp_path / "a.jpg")]
 
 
 def test_config_rejects_unknown_format_and_empty_sizes() -> None:
@@ -148,24 +154,29 @@ def test_read_batch_gives_each_bad_file_its_reason_and_decodes_the_rest(tmp_path
     assert "could not read" in out["error"][-1]
 
 
-def test_shard_writer_commits_whole_shards_and_never_writes_a_key_twice(tmp_path: Path) -> None:
-    cfg = BulkConfig(source="unused", out=str(tmp_path), rows_per_shard=3, format="jsonl")
-    writer = ShardWriter(cfg)
+def test_chunk_writer_commits_chunks_in_listing_order_and_takes_a_key_once(tmp_path: Path) -> None:
+    cfg = BulkConfig(source="src", out=str(tmp_path), format="jsonl")
+    progress = Progress("src", [], [])
+    writer = ChunkWriter(cfg, progress, {})
 
     def rows(keys: list[str]) -> pa.Table:
         n = len(keys)
         return pa.table({"key": keys, "caption": ["c"] * n, "score": [-1.0] * n, "model": ["m"] * n,
                          "status": ["ok"] * n, "error": [None] * n}, schema=RESULT_SCHEMA)  # fmt: skip
 
-    writer.add(rows(["k1", "k2"]))
-    assert shard_uris(str(tmp_path)) == []  # under rows_per_shard: nothing visible yet
-    writer.add(rows(["k2", "k3", "k4"]))  # k2 again, as from a retried upstream task
-    assert len(shard_uris(str(tmp_path))) == 1
-    writer.add(rows(["k5"]))
-    writer.commit()
-    assert len(shard_uris(str(tmp_path))) == 2
+    def chunk(*keys: str) -> Chunk:
+        return Chunk(last=keys[-1], listed=len(keys), todo=[storage.FileInfo(k, 1) for k in keys])
+
+    writer.open([chunk("k1", "k2"), chunk("k3", "k4"), chunk("k5")])
+    writer.add(rows(["k3", "k4", "k5", "k1"]))  # chunks 2 and 3 complete, but wait for chunk 1
+    assert shard_uris(str(tmp_path)) == [] and load_progress(cfg).watermark is None
+    writer.add(rows(["k3", "k2"]))  # k3 again, as from a retried upstream task
+    assert len(shard_uris(str(tmp_path))) == 3
+    writer.close()
     assert sorted(read_results(str(tmp_path)).column("key").to_pylist()) == ["k1", "k2", "k3", "k4", "k5"]
     assert (writer.ok, writer.failed) == (5, 0)
+    record = load_progress(cfg)
+    assert (record.watermark, record.listed, record.matched, record.ok, record.shards) == ("k5", 5, 5, 5, 3)
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
 
 
@@ -191,7 +202,7 @@ def test_every_good_key_gets_the_direct_caption_and_every_bad_key_an_error_row(
         row = rows[f"{prefix}/{name}"]
         assert row["status"] == "error" and reason in row["error"] and row["caption"] is None
     assert (summary.new_ok, summary.new_failed, summary.total_ok, summary.pending) == (GOOD, len(BAD), GOOD, 0)
-    assert summary.checkpoint == app and summary.duplicates == 0
+    assert summary.checkpoint == app and summary.shards == 4  # chunks of 6, 6, 6 and 1 file
     written = json.loads(storage.read_bytes(f"{out}/summary.json"))
     assert written["total_failed"] == len(BAD) and written["images_per_s"] > 0
 
@@ -211,7 +222,7 @@ def test_limit_then_rerun_gives_exactly_one_row_per_key_in_jsonl(
     _assert_exactly_once(read_results(out), files, prefix)
     assert all(uri.endswith(".jsonl") for uri in shard_uris(out))
     third = caption_bucket(_config(prefix, out))
-    assert third.todo == 0 and third.shards == []
+    assert third.todo == 0 and third.shards == 0
 
 
 @pytest.mark.integration
@@ -238,5 +249,6 @@ def test_beam_size_over_the_apps_limit_is_refused_before_any_caption(
 
 @pytest.mark.integration
 def test_running_app_with_another_checkpoint_is_refused(app: str, tmp_path: Path) -> None:
+    other = make_checkpoint(tmp_path, "other", grid=3, seed=9)
     with pytest.raises(ValueError, match="already serves"):
-        caption_bucket(_config(str(tmp_path), str(tmp_path / "o"), checkpoint=str(tmp_path / "other")))
+        caption_bucket(_config(str(tmp_path / "other"), str(tmp_path / "o"), checkpoint=str(other)))

@@ -28,7 +28,9 @@ from raycap.bulk import read_results
 from raycap.data.synthetic import generate
 from raycap.storage import ENDPOINT_ENV
 
-pytestmark = pytest.mark.integration
+# Slow (about 4.5 minutes; `make test-slow`): it keeps `make test` under 20 minutes. The README's own
+# block (tests/test_readme.py) runs the jobs end to end on one machine in `make test`.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _upload(client, bucket: str, root: Path, prefix: str) -> None:

@@ -221,6 +221,10 @@ def test_page_shows_api_errors_in_words(service: str, browser: WebDriver, tmp_pa
     _upload(browser, photo)
     _wait(browser, "the 422", lambda: "beam_size must be between 1 and 10, got 11" in _visible_error(browser))
     assert "{" not in _visible_error(browser) and "detail" not in _visible_error(browser)  # words, not JSON
+    _set(browser.find_element(By.ID, "beam-size"), "0")  # refused by FastAPI's validation: the same shape
+    below_one = "beam_size: input should be greater than or equal to 1"
+    _wait(browser, "the other 422", lambda: below_one in _visible_error(browser))
+    assert _visible_error(browser).startswith("The options were refused: "), _visible_error(browser)
     assert _script_errors(browser) == []
 
 

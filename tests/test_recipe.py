@@ -50,7 +50,7 @@ def test_a_step_that_does_not_divide_among_workers_is_refused_with_a_fix() -> No
         plan_training(100, 500, 5, TrainConfig(captions_per_step=2), 4)
     with pytest.raises(ValueError, match="3 training images cannot feed 4 workers"):
         plan_training(3, 15, 5, TrainConfig(), 4)
-    with pytest.raises(ValueError, match="captions_per_step must be >= 1"):
+    with pytest.raises(ValueError, match=r"captions_per_step \(--captions-per-step\) must be >= 1"):
         TrainConfig(captions_per_step=0)
 
 

@@ -4,6 +4,7 @@ on the same bytes; every client mistake gets its 4xx; a checkpoint swap drops no
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -32,7 +33,7 @@ from raycap.serve import (
     EncoderSettings,
     ImageEncoder,
 )
-from raycap.serve_deploy import _with_endpoint, deploy, load_config
+from raycap.serve_deploy import _with_endpoint, check_port_free, deploy, load_config
 from raycap.serve_http import TOKEN_ENV
 from raycap.serve_schema import APP_NAME
 
@@ -154,6 +155,22 @@ def test_deploy_hands_the_replicas_this_process_s3_endpoint(monkeypatch: pytest.
     overrides = {"runtime_env": {"env_vars": {storage.ENDPOINT_ENV: "http://file:1", TOKEN_ENV: "t"}}}
     (app,) = _with_endpoint(load_config(CONFIG, checkpoint="s3://b/ckpt", overrides=overrides)).applications
     assert app.runtime_env["env_vars"] == {storage.ENDPOINT_ENV: "http://file:1", TOKEN_ENV: "t"}  # the file's wins
+
+
+@pytest.mark.parametrize("port", [0, 65536, 99999])
+def test_a_port_out_of_range_is_refused_when_the_config_loads(port: int) -> None:
+    with pytest.raises(ValueError, match=f"HTTP port {port} is out of range: give a port from 1 to 65535"):
+        load_config(CONFIG, checkpoint="/c", port=port)
+
+
+def test_a_busy_port_is_refused_before_ray_starts_naming_the_way_out() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(OSError, match=f"port {port} on 127.0.0.1 is in use.*pass --port N"):
+            check_port_free(load_config(CONFIG, checkpoint="/c", port=port))
+    check_port_free(load_config(CONFIG, checkpoint="/c", port=port))  # closed: free again
 
 
 def test_deployment_options_live_only_in_serve_config() -> None:
@@ -290,6 +307,12 @@ def _bad_requests() -> dict[str, tuple[str, dict, int, str]]:
         "num_captions over beam": (
             "/caption", {"data": jpeg, "params": {"beam_size": 2, "num_captions": 3}}, 422, "beam_size (2)"
         ),
+        "beam_size not a number": ("/caption", {"data": jpeg, "params": {"beam_size": "x"}}, 422, "valid integer"),
+        "typo'd parameter": (
+            "/caption", {"data": jpeg, "params": {"beamsize": 5}}, 422,
+            "'beamsize' (did you mean 'beam_size'?); this route takes model, beam_size, num_captions, attention",
+        ),  # fmt: skip
+        "unknown parameter on batch": ("/caption/batch", {"files": _files([jpeg]), "params": {"n": 2}}, 422, "'n'"),
     }
 
 
@@ -299,7 +322,25 @@ def test_client_mistakes_get_4xx_with_a_reason(service: str, case: str) -> None:
     path, kwargs, status, reason = _bad_requests()[case]
     response = _post(service, path, **kwargs)
     assert response.status_code == status, response.text
-    assert reason in str(response.json()["detail"])
+    body = response.json()
+    assert list(body) == ["detail"] and isinstance(body["detail"], str), body  # one shape for every 4xx
+    assert reason in body["detail"]
+
+
+@pytest.mark.integration
+def test_model_info_refuses_an_unknown_parameter(service: str) -> None:
+    response = requests.get(f"{service}/model", params={"modle": "first"}, headers=AUTH, timeout=30)
+    assert response.status_code == 422
+    expected = "unknown query parameter 'modle' (did you mean 'model'?); this route takes model"
+    assert response.json() == {"detail": expected}
+
+
+@pytest.mark.integration
+def test_deploying_on_another_port_than_the_running_serve_is_refused(service: str, models: dict[str, Model]) -> None:
+    port = int(service.rsplit(":", 1)[1])
+    with pytest.raises(ValueError, match=f"Serve already runs .* HTTP on 127.0.0.1:{port}, .*use port {port}"):
+        deploy(_config(models["first"].checkpoint, free_port()))
+    assert requests.get(f"{service}/healthz", timeout=30).ok  # the running application is untouched
 
 
 @pytest.mark.integration

@@ -183,5 +183,5 @@ def test_swapping_one_models_checkpoint_under_load_drops_nothing(
 def test_deploying_models_on_different_trunks_fails_saying_why(
     service: str, checkpoints: dict[str, str], port: int
 ) -> None:
-    with pytest.raises(RuntimeError, match="different encoders"):
-        _deploy({"alpha": checkpoints["alpha"], "other": checkpoints["other"]}, port)
+    with pytest.raises(ValueError, match="failed to deploy: Decoder: the models were trained on different encoders"):
+        _deploy({"alpha": checkpoints["alpha"], "other": checkpoints["other"]}, port)  # a user error: one line

@@ -26,7 +26,7 @@ from raycap.models.checkpoint import load_checkpoint, load_optimizer_state
 from raycap.models.decoders import DecoderConfig
 from raycap.models.encoder_config import EncoderConfig
 from raycap.recipe import TrainConfig
-from raycap.train import TrainJobConfig, TrainOutcome, plan_run, train
+from raycap.train import TrainJobConfig, TrainOutcome, choose_run, plan_run, train
 
 pytestmark = pytest.mark.integration
 KARPATHY_ROLES = dict(zip(("train_splits", "select_split", "report_split"), KARPATHY))
@@ -116,11 +116,19 @@ def test_every_worker_takes_the_planned_steps_of_captions(coco_run: tuple[TrainJ
     assert (recorded.features, recorded.report_split) == (cfg.features, "val:odd")
 
 
-def test_rerun_with_same_name_resumes_at_next_epoch_with_optimizer_state(tiny_features: str, tmp_path: Path) -> None:
+def test_rerun_is_a_new_run_unless_resumed_which_goes_on_at_next_epoch_with_optimizer_state(
+    tiny_features: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     first = train(_job(tiny_features, tmp_path, "resume", epochs=2))
     after_two = _epochs(first.run_dir)
     steps_two = _adam_steps(after_two[1])
-    resumed = train(_job(tiny_features, tmp_path, "resume", epochs=3))
+    rerun, nothing = choose_run(_job(tiny_features, tmp_path, "resume", epochs=3))
+    assert (rerun.name, nothing) == ("resume-2", None), "a rerun without --resume must be a new run"
+    same, finished = choose_run(_job(tiny_features, tmp_path, "resume", epochs=2, resume=True))
+    assert same.name == "resume" and finished is not None and finished.best_checkpoint == first.best_checkpoint
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if "nothing to train" in line]
+    assert f"run {first.run_dir} finished at epoch 2" in line and "--resume --epochs N" in line
+    resumed = train(_job(tiny_features, tmp_path, "resume", epochs=3, resume=True))
     epochs = _epochs(resumed.run_dir)
     assert sorted(epochs) == [0, 1, 2]
     assert json.loads((epochs[2] / "meta.json").read_text())["epoch"] == 2

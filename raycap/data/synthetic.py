@@ -14,7 +14,6 @@ byte-identical files.
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
 from collections.abc import Sequence
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from raycap.config import HelpFormatter
+from raycap.config import Parser
 from raycap.data.coco import coco_files
 from raycap.data.vocab import tokenize
 
@@ -259,9 +258,7 @@ def describes_relation_correctly(caption: str, image: SyntheticImage) -> bool:
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI: write the synthetic set and print where its files went."""
     defaults = {name: p.default for name, p in inspect.signature(generate).parameters.items()}
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=HelpFormatter, allow_abbrev=False
-    )
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output folder (COCO 2017 layout is written inside)")
     parser.add_argument("--train", type=int, default=defaults["n_train"], help="number of train2017 images")
     parser.add_argument("--val", type=int, default=defaults["n_val"], help="number of val2017 images")

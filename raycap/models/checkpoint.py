@@ -13,6 +13,9 @@ go through safetensors, id files through `allow_pickle=False` and the optimizer 
 `weights_only=True`, so a planted pickle is refused, not run. A file that is missing, truncated or
 malformed (an id file that does not match its digest too) raises `CheckpointError` naming it, which
 lets a resume skip a damaged checkpoint for an older one.
+
+A user names a checkpoint by its folder, or by its run (`resolve_checkpoint`): the run folder or
+`<run>/best` is the run's best checkpoint by the selection split's BLEU-4, `<run>/latest` its newest.
 """
 
 from __future__ import annotations
@@ -169,19 +172,86 @@ def load_optimizer_state(checkpoint: str | Path) -> dict[str, Any] | None:
     return _read(uri, "weights-only torch file", lambda data: _load_weights_only(uri, data))
 
 
+def read_state(checkpoint: str | Path) -> TrainState:
+    """The recipe's counters saved with a checkpoint; CheckpointError if missing or malformed."""
+    state_uri = storage.join(str(checkpoint), STATE_FILE)
+    counters = _read(state_uri, "JSON file", json.loads)
+    try:
+        return TrainState(**counters)
+    except TypeError as exc:
+        fields = [f.name for f in dataclasses.fields(TrainState)]
+        raise CheckpointError(f"{state_uri} must hold exactly {fields}, got {counters!r}") from exc
+
+
 def load_resume(checkpoint: str | Path) -> Resume:
     """Everything a resumed training run needs; CheckpointError if any part is missing or damaged."""
     uri = str(checkpoint)
     decoder = load_checkpoint(uri).decoder.state_dict()
-    optimizer = load_optimizer_state(uri)
-    state_uri = storage.join(uri, STATE_FILE)
-    counters = _read(state_uri, "JSON file", json.loads)
+    return Resume(decoder, load_optimizer_state(uri), read_state(uri))
+
+
+def _checkpoint_folders(under: str) -> list[str]:
+    """Every `checkpoint_*` folder with a meta.json under `under` (recursive), sorted."""
     try:
-        state = TrainState(**counters)
-    except TypeError as exc:
-        fields = [f.name for f in dataclasses.fields(TrainState)]
-        raise CheckpointError(f"{state_uri} must hold exactly {fields}, got {counters!r}") from exc
-    return Resume(decoder, optimizer, state)
+        metas = storage.list_files(under, [f"/{META_FILE}"])
+    except FileNotFoundError:
+        return []
+    folders = [info.uri[: -len(META_FILE) - 1] for info in metas]
+    return [f for f in folders if f.rsplit("/", 1)[-1].startswith("checkpoint_")]
+
+
+def run_checkpoints(run: str | Path) -> list[tuple[str, Meta]]:
+    """The checkpoints of a training run's folder (or s3:// prefix) whose meta.json reads, oldest first
+    (Ray Train names them by time); [] when it is no run. Damaged ones are left out."""
+    run = str(run).rstrip("/")
+    found = []
+    for folder in _checkpoint_folders(run):
+        if folder.rsplit("/", 1)[0] == run:
+            try:
+                found.append((folder, read_meta(folder)))
+            except CheckpointError:
+                continue
+    return found
+
+
+def resolve_checkpoint(name: str | Path) -> tuple[str, str | None]:
+    """The checkpoint a user means: a checkpoint folder itself, or a run's (the run folder or
+    `<run>/best`: the best by the selection split's BLEU-4; `<run>/latest`: the newest). Returns it
+    with a line saying which was picked (None for a checkpoint folder); CheckpointError naming where
+    the checkpoints are when `name` is neither."""
+    uri = storage.absolute(str(name)).rstrip("/")
+    if storage.exists(storage.join(uri, META_FILE)):
+        return uri, None
+    run, pointer = uri, "best"
+    if uri.rsplit("/", 1)[-1] in ("best", "latest") and not storage.exists(uri):
+        run, pointer = uri.rsplit("/", 1)
+    checkpoints = run_checkpoints(run) if storage.exists(run) else []
+    if not checkpoints:
+        runs = sorted({f.rsplit("/", 2)[-2] for f in _checkpoint_folders(run)}) if storage.exists(run) else []
+        where = f"; its runs: {', '.join(runs)}" if runs else ""
+        what = f"is not a raycap checkpoint ({META_FILE} is missing) nor a training run with checkpoints"
+        raise CheckpointError(
+            f"checkpoint {name} {what if storage.exists(uri) else 'does not exist'}{where}: "
+            "give a checkpoint folder (<run>/checkpoint_*), a run folder (<storage path>/<run name>: its best "
+            "checkpoint), <run>/best or <run>/latest"
+        )
+    if pointer == "latest":
+        uri, meta = checkpoints[-1]
+    else:  # ties go to the older checkpoint, as in training's own pick
+        uri, meta = max(checkpoints, key=lambda pair: pair[1].metrics.get("bleu4", -float("inf")))
+    bleu4 = meta.metrics.get("bleu4")
+    score = f", BLEU-4 {bleu4:.3f} on its selection split" if bleu4 is not None else ""
+    return uri, f"{pointer} checkpoint of run {run}: {uri} (epoch {meta.epoch + 1}{score})"
+
+
+def pick_checkpoint(name: str | Path) -> str:
+    """What a job does with a --checkpoint before any work: the checkpoint `name` means
+    (`resolve_checkpoint`), its meta.json checked, saying which it picked when `name` was a run."""
+    checkpoint, note = resolve_checkpoint(name)
+    read_meta(checkpoint)
+    if note:
+        print(f"[raycap] using the {note}", flush=True)
+    return checkpoint
 
 
 def _save_data(uri: str, data: TrainingData) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raycap.config import flag
+from raycap.config import check_bounds, flag
 from raycap.models.encoder import pool_to_grid
 
 Memory = tuple[torch.Tensor, ...]  # per-image tensors computed once per caption
@@ -32,12 +32,13 @@ class DecoderConfig:
     """Decoder hyper-parameters; defaults are the reference's."""
 
     kind: str = flag("--model", "attention", help="decoder to train: attention or gru")
-    embed_dim: int = flag("--embed-dim", 512)
-    decoder_dim: int = flag("--decoder-dim", 512)
-    attention_dim: int = flag("--attention-dim", 512)
-    dropout: float = flag("--dropout", 0.5)
+    embed_dim: int = flag("--embed-dim", 512, at_least=1)
+    decoder_dim: int = flag("--decoder-dim", 512, at_least=1)
+    attention_dim: int = flag("--attention-dim", 512, at_least=1)
+    dropout: float = flag("--dropout", 0.5, at_least=0, at_most=0.99)
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         if self.kind not in DECODERS:
             raise ValueError(f"unknown decoder {self.kind!r}: choose one of {sorted(DECODERS)}")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -96,6 +97,39 @@ def _resnet(arch: str, weights: str) -> tuple[nn.Module, dict[str, torch.Tensor]
             f"could not fetch torchvision's ImageNet weights for {arch} ({exc}). Without internet, "
             f"download them elsewhere and pass the file as the encoder weights ({WEIGHTS_HELP})"
         ) from exc
+
+
+def check_weights(cfg: EncoderConfig) -> None:
+    """Make sure the trunk's weights can be had before any worker needs them, or say how to get them.
+
+    A weights file must exist; torchvision's ImageNet weights are fetched into torch's hub cache here,
+    once (where the encoder actors find them on this machine), so that without internet the job
+    stops on the driver with one line naming both ways out instead of in every encoder actor.
+    """
+    from raycap import storage
+
+    if cfg.weights == "none" or (cfg.weights == "imagenet" and cfg.arch == "efficientnet_lite0"):
+        return
+    if cfg.weights != "imagenet":
+        if not storage.exists(cfg.weights):
+            raise FileNotFoundError(f"encoder weights file {cfg.weights} not found (--weights: {WEIGHTS_HELP})")
+        return
+    import torchvision
+
+    url = torchvision.models.get_model_weights(cfg.arch).IMAGENET1K_V1.url
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name  # where torchvision looks
+    if cached.exists():
+        return
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(cached), progress=False)
+    except (OSError, RuntimeError) as exc:  # urllib's URLError is an OSError
+        raise ValueError(
+            f"no ImageNet weights for {cfg.arch}: not in torch's cache ({cached}) and not downloadable here "
+            f"({getattr(exc, 'reason', exc)}). Either pass a weights file, --weights FILE (.pt, .pth or .safetensors, "
+            "local or s3://), or use the EfficientNet-Lite0 weights packaged with raycap: "
+            "--arch efficientnet_lite0 --image-size 224 --grid 7"
+        ) from None
 
 
 def _build_trunk(cfg: EncoderConfig) -> nn.Module:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from raycap.config import flag
+from raycap.config import check_bounds, flag
 
 # arch -> channels of the trunk's last feature map
 FEATURE_DIMS = {
@@ -32,14 +32,13 @@ class EncoderConfig:
 
     arch: str = flag("--arch", "resnet101", choices=sorted(FEATURE_DIMS))
     weights: str = flag("--weights", "imagenet", help=WEIGHTS_HELP)
-    grid: int = flag("--grid", 14, help="the decoder pools features to grid x grid")
-    image_size: int = flag("--image-size", 256, help="images are resized to image-size x image-size")
+    grid: int = flag("--grid", 14, at_least=1, help="the decoder pools features to grid x grid")
+    image_size: int = flag("--image-size", 256, at_least=32, help="images are resized to image-size x image-size")
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         if self.arch not in FEATURE_DIMS:
             raise ValueError(f"unknown encoder arch {self.arch!r}: choose one of {sorted(FEATURE_DIMS)}")
-        if self.grid < 1 or self.image_size < 32:
-            raise ValueError(f"grid must be >= 1 and image_size >= 32, got {self.grid}, {self.image_size}")
 
     @property
     def feature_dim(self) -> int:

@@ -27,7 +27,8 @@ function request(path, init = {}) {
   return fetch(new URL(path, document.baseURI), { ...init, headers });
 }
 
-/** A sentence for a failed response, from the API's JSON `detail` (a string, or FastAPI's list). */
+/** A sentence for a failed response, from the API's JSON `detail` (a string for every 4xx), or the
+ * start of a body that is not the API's (a proxy's error page). */
 async function failure(response, what) {
   const text = await response.text();
   let detail;
@@ -36,7 +37,6 @@ async function failure(response, what) {
   } catch {
     detail = text.trim().slice(0, 300);
   }
-  if (Array.isArray(detail)) detail = detail.map((d) => `${d.loc.at(-1)}: ${d.msg}`).join("; ");
   detail = detail || response.statusText || "no reason given";
   switch (response.status) {
     case 401:

@@ -88,7 +88,7 @@ def test_three_kills_at_random_points_then_a_rerun_leave_one_row_per_key(app: st
     shards, leftovers = set(shard_uris(str(out))), list(out.rglob("*.tmp"))
     assert shards and all(p.name.startswith(".") and str(p) not in shards for p in leftovers)
     summary = caption_bucket(BulkConfig(source=str(source), out=str(out), clients=1, in_flight=8))
-    assert summary.already_done == kills[-1] and summary.pending == 0 and summary.duplicates == 0
+    assert summary.already_done == kills[-1] and summary.pending == 0
     _assert_exactly_once(read_results(str(out)), {str(source / name) for name in files})
     print(f"rows committed when killed: {kills}; the rerun added {summary.new_ok + summary.new_failed}")
 

@@ -7,6 +7,7 @@ figures printed with -s (epoch killed, epochs redone, final metrics) cost little
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -256,7 +257,7 @@ def test_resume_skips_damaged_checkpoints_for_the_newest_that_loads(
     (truncated / "model.safetensors").write_bytes(weights[: len(weights) // 2])
 
     started = time.monotonic()
-    outcome = train(_job(features, str(tmp_path / "runs"), "damaged"))
+    outcome = train(dataclasses.replace(_job(features, str(tmp_path / "runs"), "damaged"), resume=True))
     seconds = time.monotonic() - started
 
     assert not marker.exists(), "the planted pickle ran"
