@@ -66,7 +66,6 @@ from raycap.models.checkpoint import (
     Resume,
     TrainState,
     load_resume,
-    read_state,
     resolve_checkpoint,
     run_checkpoints,
     save_checkpoint,
@@ -449,8 +448,14 @@ def choose_run(cfg: TrainJobConfig) -> tuple[TrainJobConfig, TrainOutcome | None
             n += 1
         print(f"[raycap] run {run_uri(cfg)} exists: starting a new run, {new.name} (--resume continues the old one)")
         return new, None
-    latest, meta = checkpoints[-1]
-    state = read_state(latest)
+    for latest, meta in reversed(checkpoints):  # the newest that loads whole: what the workers resume from
+        try:
+            state = load_resume(latest).state
+            break
+        except CheckpointError:
+            continue
+    else:
+        return cfg, None  # the workers' restore then says that no checkpoint loads
     stopped_early = state.since_best >= cfg.train.early_stop_patience
     if state.epoch + 1 < cfg.train.epochs and not stopped_early:
         print(f"[raycap] resuming run {run_uri(cfg)} after epoch {state.epoch + 1} of {cfg.train.epochs}")
