@@ -9,7 +9,8 @@ and `TrainConfig` (raycap.recipe), `EvaluateConfig` (raycap.evaluate), `DemoConf
 * a YAML file holds one section per job, keyed by field name, nested like the dataclasses
   (configs/coco.yaml: `extract`, `train`, `evaluate`, `bulk`);
 * each field says how the command line sets it: `flag("--name", default, help=...)` gives it one
-  flag, `nested(Factory)` offers a nested dataclass's flags, `file_only(default)` none;
+  flag (and `at_least=`/`above=`/`at_most=` its range, checked by `from_dict` and `check_bounds`),
+  `nested(Factory)` offers a nested dataclass's flags, `file_only(default)` none;
 * `JobParser` derives a job's flags from its dataclass and gives `--config FILE.yaml`: the file's
   section becomes the flags' defaults, explicit flags win. Precedence: reference defaults < YAML <
   flags. File-only fields are set from YAML alone. It also gives `--s3-endpoint URL`, process
