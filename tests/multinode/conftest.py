@@ -32,6 +32,7 @@ from typing import ClassVar
 import pytest
 import ray
 from ray._private import ray_constants
+from helpers import cmdline, descendants
 from ray.cluster_utils import Cluster
 
 OBJECT_STORE_BYTES = 150 * 2**20  # per node; Ray's test clusters use the same
@@ -63,7 +64,7 @@ class MultiNode:
         node = self.nodes.pop(name)
         assert node is not self.cluster.head_node, "the driver's node: losing the head needs GCS fault tolerance"
         roots = [info.process.pid for infos in node.all_processes.values() for info in infos]
-        victims = _descendants(roots)
+        victims = descendants(roots)
         for pid in victims:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -76,7 +77,7 @@ class MultiNode:
         counts = {}
         for name, node in self.nodes.items():
             raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
-            titles = [_cmdline(pid) for pid in _descendants([raylet])]
+            titles = [cmdline(pid) for pid in descendants([raylet])]
             counts[name] = sum(t.startswith(title.encode()) for t in titles)
         return counts
 
@@ -91,28 +92,6 @@ class MultiNode:
             assert time.monotonic() < deadline, f"node {node_id} still alive {timeout_s} s after its kill"
             time.sleep(0.2)
         return time.monotonic()
-
-
-def _cmdline(pid: int) -> bytes:
-    with contextlib.suppress(OSError):
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    return b""
-
-
-def _descendants(roots: list[int]) -> list[int]:
-    """`roots` and every process below them, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], list(roots)
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo += children.get(pid, [])
-    return found
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import pytest
 import ray
 import torch
+from helpers import cmdline, descendants
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from raycap import storage
@@ -93,20 +94,7 @@ def _registered_epoch(run_dir: Path) -> int | None:
 
 def _train_workers() -> set[int]:
     """Pids of this session's Ray Train workers: descendants of this process titled ray::RayTrainWorker."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(entry))
-    found, todo = set(), [os.getpid()]
-    while todo:
-        for pid in children.get(todo.pop(), []):
-            todo.append(pid)
-            with contextlib.suppress(OSError):
-                if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
-                    found.add(pid)
-    return found
+    return {pid for pid in descendants([os.getpid()]) if cmdline(pid).startswith(b"ray::RayTrainWorker")}
 
 
 def _session_log_lines(*needles: str, timeout_s: float = 30) -> list[str]:
