@@ -1,13 +1,14 @@
 """Inference-only speedups for Serve on CPU, measured: what earns the Encoder's `cpu_bfloat16`.
 
 Offline, the exact compute of one Serve batch, each variant against what Serve runs by default
-(float32 under `inference_mode`), in one process, alternating, medians of --repeats:
-`Encoder.encode` on --batch decoded photos at the served image size, and `beam_search` on those
-features (beam 3, --max-len words). One thread, as Ray gives a replica with num_cpus < 1
+(float32 under `inference_mode`, BatchNorm folded), in one process, alternating, medians of
+--repeats: `Encoder.encode` on --batch decoded photos at the served image size, and `beam_search`
+on those features (beam 3, --max-len words). One thread, as Ray gives a replica with num_cpus < 1
 (OMP_NUM_THREADS=1). Times are process CPU time, which a loaded shared machine disturbs far less
 than wall time (wall in brackets). Each variant is applied from outside the model code:
 
-    encoder  no_grad        torch.no_grad instead of inference_mode
+    encoder  bn_kept        BatchNorm kept as layers: the Encoder before it folded them (fold_batchnorm=False)
+             no_grad        torch.no_grad instead of inference_mode
              channels_last  trunk weights channels-last (the NHWC uint8 input makes activations so already)
              bf16           bfloat16 autocast around the trunk: Serve's Encoder with cpu_bfloat16
     decoder  bf16 autocast  bfloat16 autocast around beam search
@@ -61,6 +62,7 @@ from raycap.models.beam import beam_search
 from raycap.models.checkpoint import load_checkpoint
 from raycap.models.decoders import Decoder
 from raycap.models.encoder import Encoder
+from raycap.models.encoder_config import EncoderConfig
 from raycap.serve import load_model
 
 EncodeFn = Callable[[torch.Tensor], torch.Tensor]  # (B, S, S, 3) uint8 -> (B, P, C) float32
@@ -69,16 +71,25 @@ BASE = ("fp32", "fp32")  # (encoder variant, decoder variant): what Serve runs b
 KEPT = ("bf16", "fp32")  # what the Encoder's cpu_bfloat16 runs
 
 
-def encoder_variants(encoder: Encoder) -> dict[str, EncodeFn]:
-    """Each way to run `encoder` on a batch: fp32 and bf16 are Serve's Encoder without and with cpu_bfloat16."""
+def seeded_encoder(cfg: EncoderConfig, fold_batchnorm: bool = True) -> Encoder:
+    """An Encoder whose random weights (weights "none") are the same whether or not it folds BatchNorm."""
+    torch.manual_seed(0)
+    return Encoder(cfg, fold_batchnorm)
+
+
+def encoder_variants(cfg: EncoderConfig) -> tuple[Encoder, dict[str, EncodeFn]]:
+    """Serve's Encoder for `cfg`, and each way to run it on a batch: fp32 and bf16 are Serve's Encoder
+    without and with cpu_bfloat16."""
+    encoder = seeded_encoder(cfg)
     channels_last = copy.deepcopy(encoder).to(memory_format=torch.channels_last)
 
     def no_grad(images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return encoder(images)
 
-    return {
+    return encoder, {
         "fp32": encoder.encode,
+        "bn_kept": seeded_encoder(cfg, fold_batchnorm=False).encode,
         "no_grad": no_grad,
         "channels_last": channels_last.encode,
         "bf16": functools.partial(encoder.encode, cpu_bfloat16=True),
@@ -175,9 +186,8 @@ def demo_bleu(
     root, split = model.data.features, model.data.report_split
     references = fstore.read_references(root, split)
     image_ids, keys = fstore.read_keys(root, split)
-    encoder = Encoder(model.encoder_cfg)
+    encoder, encode = encoder_variants(model.encoder_cfg)
     images = load_images(encoder, [storage.read_bytes(k) for k in keys])  # (N, S, S, 3)
-    encode = encoder_variants(encoder)
     decode = decoder_variants(checkpoint, beam, max_len=50)
     scores = {}
     for e, d in pairs:
@@ -274,9 +284,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     tmp = tempfile.TemporaryDirectory(prefix="raycap-bench-")
     checkpoint = make_checkpoint(Path(tmp.name))
-    encoder = Encoder(load_checkpoint(checkpoint).encoder_cfg)
+    encoder, encode = encoder_variants(load_checkpoint(checkpoint).encoder_cfg)
     images = load_images(encoder, photos(args.batch))  # (B, S, S, 3)
-    encode = encoder_variants(encoder)
     decode = decoder_variants(checkpoint, args.beam, args.max_len)
     pairs = [(e, "fp32") for e in encode] + [("fp32", d) for d in decode if d != "fp32"]
     features = {e: fn(images) for e, fn in encode.items()}  # (B, P, C) each

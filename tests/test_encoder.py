@@ -116,7 +116,7 @@ def test_native_float16_pooled_on_use_matches_pooled_float16_for_resnet101_at_25
     # A random ResNet's activations grow block by block. With BatchNorm at its initial statistics the
     # trunk is positively homogeneous, so scaling the first convolution scales every feature alike:
     # to ImageNet-like magnitudes (mean ~1), inside float16's range.
-    encoder.trunk[0].weight.data /= 2**15
+    encoder.trunk.get_submodule("0").weight.data /= 2**15  # the first convolution
     images = torch.randint(0, 256, (2, 256, 256, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     native = encoder.encode(images)  # (B, 8*8, C) float32
     assert native.shape == (2, 8 * 8, 2048) and 0.1 < float(native.mean()) < 10 and float(native.max()) < 2**15
@@ -161,6 +161,17 @@ def test_cpu_bfloat16_encode_runs_in_bfloat16_and_returns_close_float32(lite0_im
     assert fast.dtype == torch.float32 and fast.shape == exact.shape
     assert not torch.equal(fast, exact)  # the trunk did run in bfloat16
     assert float((fast - exact).abs().max()) < 0.05 * float(exact.abs().max())
+
+
+def test_resnet_batchnorm_is_folded_into_the_convolutions(tmp_path: Path, source: Source) -> None:
+    """Folded and unfolded encoders of the same weights (non-default BN statistics) agree; only the
+    unfolded one still runs BatchNorm layers."""
+    path = tmp_path / "resnet18.pt"
+    torch.save(source[0].state_dict(), path)
+    folded, kept = Encoder(_config(weights=str(path))), Encoder(_config(weights=str(path)), fold_batchnorm=False)
+    batchnorms = [sum(isinstance(m, nn.BatchNorm2d) for m in e.modules()) for e in (folded, kept)]
+    assert batchnorms == [0, 20]
+    torch.testing.assert_close(folded(_images(2)), kept(_images(2)), rtol=1e-4, atol=1e-4)
 
 
 def _assert_loads_source(path: Path, source: Source) -> None:

@@ -132,8 +132,17 @@ def check_weights(cfg: EncoderConfig) -> None:
         ) from None
 
 
-def _build_trunk(cfg: EncoderConfig) -> nn.Module:
-    """The trunk with its classifier removed, weights loaded."""
+def _fold_batchnorm(trunk: nn.Module) -> nn.Module:
+    """The same frozen trunk with each eval-mode BatchNorm folded into the convolution before it
+    (torch.fx's `fuse`): one pass over each feature map fewer, 1.1x faster on CPU for ResNets."""
+    from torch.fx.experimental.optimization import fuse
+
+    return fuse(trunk.eval(), inplace=True)
+
+
+def _build_trunk(cfg: EncoderConfig, fold_batchnorm: bool) -> nn.Module:
+    """The trunk with its classifier removed, weights loaded, BatchNorm folded if `fold_batchnorm`
+    (ResNets; EfficientNet-Lite's own convolution class is not one torch.fx folds)."""
     if cfg.arch == "efficientnet_lite0":
         net, state = _efficientnet_lite0(cfg.weights)
         trunk_of: Callable[[nn.Module], nn.Module] = _EfficientNetTrunk
@@ -154,16 +163,19 @@ def _build_trunk(cfg: EncoderConfig) -> nn.Module:
                 f"encoder weights {cfg.weights!r} do not fit {cfg.arch}: "
                 f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
             )
-    return trunk_of(net)
+    trunk = trunk_of(net)
+    return _fold_batchnorm(trunk) if fold_batchnorm and cfg.arch != "efficientnet_lite0" else trunk
 
 
 class Encoder(nn.Module):
-    """uint8 images (B, H, W, 3) -> features (B, h*h, C) at the native grid h. Frozen, as in the reference."""
+    """uint8 images (B, H, W, 3) -> features (B, h*h, C) at the native grid h. Frozen, as in the
+    reference, so its BatchNorm layers are folded into the convolutions unless `fold_batchnorm` is
+    False (equal up to float rounding; benchmarks compare the two)."""
 
-    def __init__(self, cfg: EncoderConfig) -> None:
+    def __init__(self, cfg: EncoderConfig, fold_batchnorm: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
-        self.trunk = _build_trunk(cfg)
+        self.trunk = _build_trunk(cfg, fold_batchnorm)
         mean, std = NORMALISATION.get(cfg.arch, IMAGENET)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
