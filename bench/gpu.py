@@ -188,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         cpus = os.cpu_count() or 1
         ray.cloudpickle.register_pickle_by_value(train_bench)  # workers cannot import bench/ modules
         ray.init(num_cpus=max(4, cpus + 2), object_store_memory=None if cuda else LOCAL_OBJECT_STORE_BYTES,
-                 include_dashboard=False, runtime_env={"worker_process_setup_hook": time_ray_epochs})  # fmt: skip
+                 runtime_env={"worker_process_setup_hook": time_ray_epochs})  # fmt: skip
         ray.data.DataContext.get_current().enable_progress_bars = False
         try:
             for name, phase in (

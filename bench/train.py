@@ -200,12 +200,12 @@ def measure(plain: PlainLoop, job: TrainJobConfig, repeats: int, scaling: bool) 
     (for scaling) a Ray Train 2-worker run."""
     plain.epoch()  # warm-up, as Ray Train's epoch 0
     sides: dict[str, list[Metrics]] = {"plain loop": [], "Ray Train, 1 worker": []}
-    # As raycap.runtime.init_ray starts a local Ray, plus the hook that times the workers' epochs.
+    # As raycap.runtime.init_ray starts a local Ray, plus the hook that times the workers' epochs. With
+    # its dashboard: without the state API behind it, each Train run's placement group cleaner never
+    # sees its controller end and polls for the rest of the bench, slowing every later epoch.
     cpus = max(4, (os.cpu_count() or 1) + 2)
     runtime_env = {"worker_process_setup_hook": time_ray_epochs}
-    ray.init(
-        num_cpus=cpus, object_store_memory=LOCAL_OBJECT_STORE_BYTES, include_dashboard=False, runtime_env=runtime_env
-    )
+    ray.init(num_cpus=cpus, object_store_memory=LOCAL_OBJECT_STORE_BYTES, runtime_env=runtime_env)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         for repeat in range(repeats):
