@@ -13,10 +13,11 @@ epoch time, so a worker-process setup hook wraps raycap.train's `train_epoch` (`
 seconds, captions, wait for the first step and torch threads to the epoch's metrics.
 Plain side: the same shards read with pyarrow (`raycap.feature_store`, `attach_captions`) into
 tensors, cut into the same steps by `recipe.caption_steps` and trained by `recipe.train_epoch`
-(timed alike): a warm-up epoch, then `--repeats` rounds of a plain epoch and a Ray 1-worker run;
-each side's fastest epoch counts (and the machine's fastest matmul rate, measured before and
-after), which damps noisy neighbours on a shared machine. Both sides use --threads torch threads
-(the Ray worker gets them as its CPUs). Then, for information, Ray Train with 2 workers of 1 CPU each.
+(timed alike): a warm-up epoch, then `--repeats` rounds of a plain epoch and a Ray 1-worker run
+(which goes first flips each round); each side's fastest epoch counts (and the machine's fastest
+matmul rate, measured before and after), which damps noisy neighbours on a shared machine. Both
+sides use --threads torch threads (the Ray worker gets them as its CPUs). Then, for information,
+Ray Train with 2 workers of 1 CPU each.
 
 captions/s counts whole epochs, the wait for the first step included: Ray Data reads a window of
 images before it, which a real epoch (113k images) overlaps with training, so the figure is
@@ -196,8 +197,8 @@ def step_matmuls(plain: PlainLoop, job: TrainJobConfig, words: int) -> tuple[lis
 
 
 def measure(plain: PlainLoop, job: TrainJobConfig, repeats: int, scaling: bool) -> dict[str, list[Metrics]]:
-    """Epoch metrics of each side: `repeats` rounds of a plain epoch then a Ray Train 1-worker run, then
-    (for scaling) a Ray Train 2-worker run."""
+    """Epoch metrics of each side: `repeats` rounds of a plain epoch and a Ray Train 1-worker run, in
+    alternating order, then (for scaling) a Ray Train 2-worker run."""
     plain.epoch()  # warm-up, as Ray Train's epoch 0
     sides: dict[str, list[Metrics]] = {"plain loop": [], "Ray Train, 1 worker": []}
     # As raycap.runtime.init_ray starts a local Ray, plus the hook that times the workers' epochs. With
@@ -209,8 +210,10 @@ def measure(plain: PlainLoop, job: TrainJobConfig, repeats: int, scaling: bool) 
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         for repeat in range(repeats):
-            sides["plain loop"].append(plain.epoch())
-            sides["Ray Train, 1 worker"].append(ray_epoch(dataclasses.replace(job, run_name=f"bench-1-worker-{repeat}")))
+            order = ["plain loop", "Ray Train, 1 worker"]  # flipped each round: a drifting machine favours neither
+            for side in order if repeat % 2 == 0 else order[::-1]:
+                ray_job = dataclasses.replace(job, run_name=f"bench-1-worker-{repeat}")
+                sides[side].append(plain.epoch() if side == "plain loop" else ray_epoch(ray_job))
         if scaling:
             two = dataclasses.replace(job, num_workers=2, cpus_per_worker=1, run_name="bench-2-workers")
             sides["Ray Train, 2 workers"] = [ray_epoch(two)]
