@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from raycap.metrics import official_scores, score_captions
+from raycap.metrics import official_scores, per_image_scores, score_captions
 
 # nltk's corpus_bleu docstring example: long hypotheses, so the toolkit's BLEU-4 is nltk's 0.5920778868801042.
 NLTK_REFS = {
@@ -192,6 +192,20 @@ def test_score_captions_reports_bleu_rouge_and_cider_d() -> None:
     assert all(isinstance(value, float) and 0 < value for value in scores.values())
 
 
+def test_per_image_scores_are_each_images_own_bleu4_and_average_to_the_corpus_cider_d() -> None:
+    """BLEU-4 of one image is that image scored alone; CIDEr-D's document frequencies come from all
+    the scored images, so the corpus CIDEr-D is the mean of the per-image ones."""
+    scores = per_image_scores(CORPUS_REFS, CORPUS_HYPS)
+    assert list(scores) == list(CORPUS_HYPS) and all(sorted(s) == ["bleu4", "cider_d"] for s in scores.values())
+    for image, hypothesis in CORPUS_HYPS.items():
+        alone = score_captions({image: CORPUS_REFS[image]}, {image: hypothesis})["bleu4"]
+        assert scores[image]["bleu4"] == pytest.approx(alone, rel=1e-12, abs=1e-15)
+    ciders = [s["cider_d"] for s in scores.values()]
+    assert sum(ciders) / len(ciders) == pytest.approx(score_captions(CORPUS_REFS, CORPUS_HYPS)["cider_d"], rel=1e-12)
+    assert len(set(ciders)) == len(ciders) and max(ciders) == scores["horse"]["cider_d"] > 1 > scores["dog"]["cider_d"]
+    assert scores["horse"]["bleu4"] > 0.5 > scores["cats"]["bleu4"]
+
+
 def test_hypothesis_without_references_is_rejected() -> None:
     with pytest.raises(ValueError, match="image 42 has a hypothesis but no reference"):
         score_captions({"42": ["a dog"]}, {42: "a dog"})
@@ -221,6 +235,7 @@ def test_official_scores_without_java_says_what_to_install(tmp_path, monkeypatch
 def test_scoring_prints_nothing(capsys: pytest.CaptureFixture[str]) -> None:
     # The toolkit's BLEU prints its n-gram counts unless told not to.
     score_captions(CORPUS_REFS, CORPUS_HYPS)
+    per_image_scores(CORPUS_REFS, CORPUS_HYPS)
     assert capsys.readouterr() == ("", "")
 
 
