@@ -5,7 +5,9 @@ captions/, vocab.json): `--images` training images of ResNet-101 features (2048 
 grid raycap stores, which the decoder pools to 14x14), 5 captions each of exactly `--words` random
 words (COCO captions average ~10.5), a COCO-sized vocabulary of 9,490 entries, and a 2-image val
 split to select on. Model: the reference attention decoder (embed/decoder/attention 512). On a
-2-core machine a step of 32 captions takes seconds, hence the small default epoch.
+2-core machine a step of 32 captions takes a fraction of a second, hence the small default epoch
+(64 images: 10 steps); with fewer, Ray Data's wait for the first step weighs more than in any real
+epoch.
 
 Ray Train side: `raycap.train.train`, the real TorchTrainer path with Ray Data reading the shards,
 for 2 epochs: epoch 0 warms up (worker start, first read), epoch 1 counts. Ray Train reports no
@@ -31,7 +33,7 @@ captions/s, as a share of this machine's matmul rate at the same shapes and thre
 the same run; also per CPU second of the training processes (the Ray workers' own: Ray Data's
 reads run in other processes). `--profile` prints torch.profiler's top ops of two plain-loop steps.
 
-    python bench/train.py [--images 32 --words 11 --captions-per-step 32 --threads 2 --repeats 3] [--quick] [--profile]
+    python bench/train.py [--images 64 --words 11 --captions-per-step 32 --threads 2 --repeats 3] [--quick] [--profile]
 
 Prints a table, then one JSON line last; "ratio" is the median over rounds of Ray Train (1 worker)
 / plain loop captions/s ("best_epochs_ratio": the two sides' fastest epochs).
@@ -233,7 +235,7 @@ def best(epochs: list[Metrics]) -> Metrics:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=32, help="training images (5 captions each)")
+    parser.add_argument("--images", type=int, default=64, help="training images (5 captions each)")
     parser.add_argument("--words", type=int, default=11, help="words per caption")
     parser.add_argument("--captions-per-step", type=int, default=TrainConfig.captions_per_step)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, both sides")
