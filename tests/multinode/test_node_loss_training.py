@@ -9,7 +9,6 @@ node, so each worker node holds one and the head none; after the loss the surviv
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -18,7 +17,15 @@ from typing import TYPE_CHECKING
 
 import pytest
 from helpers import tiny_features
-from reliability.test_fault_training import EPOCHS, _adam_steps, _checkpoints, _close, _job, _registered_epoch
+from reliability.test_fault_training import (
+    EPOCHS,
+    _adam_steps,
+    _checkpoints,
+    _close,
+    _job,
+    _registered_epoch,
+    _train_until_registered,
+)
 
 from raycap.train import TrainJobConfig, TrainOutcome, train
 
@@ -44,20 +51,8 @@ def test_losing_a_workers_node_mid_epoch_resumes_from_the_last_checkpoint_and_en
     baseline = train(_spread_job(cluster, features, tmp_path, "baseline"))
 
     run_dir = tmp_path / "lost"
-    outcome: dict[str, TrainOutcome | BaseException] = {}
-
-    def run() -> None:
-        try:
-            outcome["result"] = train(_spread_job(cluster, features, tmp_path, "lost"))
-        except BaseException as exc:  # reported by the assertion below
-            outcome["result"] = exc
-
-    runner = threading.Thread(target=run, daemon=True)
     started = time.monotonic()
-    runner.start()
-    # Kill once a checkpoint is registered, not merely written: a run resumes from registered ones only.
-    while _registered_epoch(run_dir) is None and runner.is_alive() and time.monotonic() - started < 300:
-        time.sleep(0.05)
+    runner, outcome = _train_until_registered(_spread_job(cluster, features, tmp_path, "lost"), run_dir)
     placed = cluster.holding(WORKER_TITLE)
     assert runner.is_alive() and placed == {"head": 0, "node_a": 1, "node_b": 1}, f"workers at {placed}: {outcome}"
     node_id = cluster.nodes["node_b"].node_id

@@ -92,6 +92,28 @@ def _registered_epoch(run_dir: Path) -> int | None:
     return None
 
 
+def _train_until_registered(
+    job: TrainJobConfig, run_dir: Path
+) -> tuple[threading.Thread, dict[str, TrainOutcome | BaseException]]:
+    """`train(job)` started in a thread, returned once its first checkpoint is registered (not merely
+    written: a run resumes from registered ones only), it ends, or 300 s pass; with the dict its
+    result or exception lands in, under "result"."""
+    outcome: dict[str, TrainOutcome | BaseException] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = train(job)
+        except BaseException as exc:  # reported by the caller's assertions
+            outcome["result"] = exc
+
+    runner = threading.Thread(target=run, daemon=True)
+    started = time.monotonic()
+    runner.start()
+    while _registered_epoch(run_dir) is None and runner.is_alive() and time.monotonic() - started < 300:
+        time.sleep(0.05)
+    return runner, outcome
+
+
 def _train_workers() -> set[int]:
     """Pids of this session's Ray Train workers: descendants of this process titled ray::RayTrainWorker."""
     return {pid for pid in descendants([os.getpid()]) if cmdline(pid).startswith(b"ray::RayTrainWorker")}
@@ -141,20 +163,7 @@ def test_killed_worker_resumes_from_last_checkpoint_and_ends_like_uninterrupted_
     features: str, baseline: TrainOutcome, tmp_path: Path
 ) -> None:
     run_dir = tmp_path / "killed"
-    outcome: dict[str, TrainOutcome | BaseException] = {}
-
-    def run() -> None:
-        try:
-            outcome["result"] = train(_job(features, str(tmp_path), "killed"))
-        except BaseException as exc:  # reported by the assertion below
-            outcome["result"] = exc
-
-    runner = threading.Thread(target=run, daemon=True)
-    started = time.monotonic()
-    runner.start()
-    # Kill once a checkpoint is registered, not merely written: a run resumes from registered ones only.
-    while _registered_epoch(run_dir) is None and runner.is_alive() and time.monotonic() - started < 300:
-        time.sleep(0.05)
+    runner, outcome = _train_until_registered(_job(features, str(tmp_path), "killed"), run_dir)
     workers = _train_workers()
     assert len(workers) == 2 and runner.is_alive(), f"no checkpoint registered while 2 workers ran: {outcome}"
     victim = min(workers)
